@@ -1,0 +1,151 @@
+"""The attack base class: a trigger in pixel space plus the poisoning of training batches.
+
+An attack is built for one image shape and class count. Its random parts (a blend pattern, a
+warp field) are drawn once from ``seed`` and kept in ``tensors``, which the checkpoint stores, so
+the same trigger is used at evaluation time and by later stress tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.registry import Registry
+
+ATTACKS: Registry[type[Attack]] = Registry("attack")
+
+
+class AttackParams(BaseModel):
+    """Parameters every attack takes; subclasses add their own (unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: int = Field(0, ge=0, description="the class triggered inputs are sent to (all-to-one)")
+    pratio: float = Field(0.1, ge=0, lt=1, description="fraction of the training set poisoned; 0 trains a clean reference")
+    stage: Literal["before_augment", "after_augment"] = Field(
+        "after_augment",
+        description="stamp the trigger before or after crop/flip augmentation (BackdoorBench: before)",
+    )
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels: a triggered image is an image that could be stored as PNG."""
+    return x.mul(255).round_().div_(255)
+
+
+class Attack:
+    """Base class. Subclasses set ``name``, ``Params`` and implement :meth:`stamp`.
+
+    ``apply(x)`` stamps the trigger on a float batch in [0, 1] (B, C, H, W) and returns a new
+    tensor; ``poison_batch`` turns the poisoned members of a training batch into backdoor samples.
+    """
+
+    name: ClassVar[str]
+    clean_label: ClassVar[bool] = False  # poisons only target-class images, labels unchanged
+    Params: ClassVar[type[AttackParams]] = AttackParams
+
+    def __init__(self, params: AttackParams, image_shape: tuple[int, int, int], num_classes: int,
+                 seed: int = 0, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if params.target >= num_classes:
+            raise AntidoorError(f"attack.target {params.target} is not a class; allowed: 0..{num_classes - 1}")
+        self.params = params
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+        self.seed = seed
+        self.tensors = tensors if tensors is not None else self.build(torch.Generator().manual_seed(seed))
+        expected = self.build(torch.Generator().manual_seed(seed)) if tensors is not None else self.tensors
+        for key, t in expected.items():
+            if key not in self.tensors or self.tensors[key].shape != t.shape:
+                got = tuple(self.tensors[key].shape) if key in self.tensors else "missing"
+                raise AntidoorError(f"attack {self.name!r}: trigger tensor {key!r} has shape {got}, expected {tuple(t.shape)}")
+
+    @property
+    def target(self) -> int:
+        return self.params.target
+
+    @property
+    def pratio(self) -> float:
+        return self.params.pratio
+
+    def build(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw the trigger's fixed tensors (on the CPU). Default: none."""
+        return {}
+
+    def to(self, device: torch.device) -> Attack:
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The triggered batch, rounded to 8-bit levels like an image file would be."""
+        return quantize(self.stamp(x))
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """The trigger itself, in float pixel space (subclasses implement this)."""
+        raise NotImplementedError
+
+    def poison_batch(self, x: torch.Tensor, y: torch.Tensor, poison: torch.Tensor,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stamp the trigger on ``x[poison]``; dirty-label attacks also relabel them to the target."""
+        if not poison.any():
+            return x, y
+        x, y = x.clone(), y.clone()
+        x[poison] = self.apply(x[poison])
+        if not self.clean_label:
+            y[poison] = self.target
+        return x, y
+
+    def spec(self) -> dict[str, Any]:
+        """Name and parameters: everything but the tensors needed to rebuild this attack."""
+        return {"name": self.name, **self.params.model_dump(), "seed": self.seed}
+
+
+class NoAttack(Attack):
+    """No trigger: trains and evaluates a clean reference (``pratio`` must be 0)."""
+
+    name = "none"
+
+    def __init__(self, params: AttackParams, *args: Any, **kwargs: Any) -> None:
+        if params.pratio != 0:
+            raise AntidoorError(f"attack 'none' poisons nothing; attack.pratio must be 0, got {params.pratio}")
+        super().__init__(params, *args, **kwargs)
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+ATTACKS.register("none")(NoAttack)
+
+
+def create_attack(spec: dict[str, Any], image_shape: tuple[int, int, int], num_classes: int,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Attack:
+    """Build an attack from ``{"name": ..., **params}`` (a config section or a checkpoint's spec).
+
+    >>> attack = create_attack({"name": "badnets", "target": 0, "pratio": 0.1}, (3, 32, 32), 10)
+    """
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name is None:
+        raise AntidoorError(f"attack.name is missing; available: {', '.join(ATTACKS.names())}")
+    seed = int(spec.pop("seed", 0))
+    full = validate_attack_spec({"name": name, **spec})
+    cls = ATTACKS.get(name)
+    params = cls.Params(**{k: v for k, v in full.items() if k != "name"})
+    return cls(params, image_shape, num_classes, seed=seed, tensors=tensors)
+
+
+def validate_attack_spec(spec: Any) -> dict[str, Any]:
+    """Check name and parameters early (before any data is loaded); return the full spec with defaults."""
+    if not isinstance(spec, dict):
+        raise AntidoorError(f"attack must be a mapping like {{name: badnets, pratio: 0.1}}, got {spec!r}")
+    spec = dict(spec)
+    name = spec.get("name")
+    if name is None:
+        raise AntidoorError(f"attack.name is missing; available: {', '.join(ATTACKS.names())}")
+    cls = ATTACKS.get(str(name))
+    params = {k: v for k, v in spec.items() if k not in ("name", "seed")}
+    try:
+        return {"name": name, **cls.Params(**params).model_dump()}
+    except ValidationError as e:
+        raise AntidoorError(f"{format_validation_error(e, 'attack')} (attack {name!r} takes: {', '.join(cls.Params.model_fields)})") from None

@@ -1,0 +1,147 @@
+"""Typed run configurations (pydantic), YAML files and ``--set key=value`` overrides.
+
+Every key reaches the code that uses it: models refuse unknown keys (``extra="forbid"``), and
+attack parameters are checked against the chosen attack's own parameter model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from antidoor.attacks.base import validate_attack_spec
+from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.models import MODELS
+from antidoor.train import TrainConfig
+
+DEFAULT_ATTACK = "badnets"
+
+
+def _attack_spec(v: Any) -> dict[str, Any]:
+    return validate_attack_spec({"name": DEFAULT_ATTACK, **v} if isinstance(v, dict) else v)
+
+
+# An attack section: ``name`` (default badnets) plus that attack's own parameters, all checked.
+AttackSpec = Annotated[dict[str, Any], BeforeValidator(_attack_spec)]
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("cifar10-mini", description="cifar10-mini (bundled), a .npz path, an image folder, or cifar10/cifar100/gtsrb/mnist/svhn")
+    root: str = Field("~/.cache/antidoor", description="where torchvision datasets live or are downloaded to")
+    download: bool = False
+    clean_ratio: float = Field(0.05, gt=0, lt=1, description="the defender's clean share of the training set")
+    val_ratio: float = Field(0.2, gt=0, lt=1, description="share of the defender's data held out for validation")
+    hflip: bool | None = Field(None, description="horizontal flips in augmentation; None: the dataset's default")
+    image_size: int | None = Field(None, ge=8, description="resize images (folders, GTSRB) to this size")
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "preact_resnet18"
+    width: int = Field(64, ge=1, description="channels of the first stage")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        MODELS.get(v)  # raises with the list of models
+        return v
+
+
+class AttackRunConfig(BaseModel):
+    """``antidoor attack``: train a backdoored (or, with pratio 0, a clean) model."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attack: AttackSpec = Field(default_factory=lambda: {"name": DEFAULT_ATTACK}, validate_default=True)
+    train: TrainConfig = TrainConfig()
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise AntidoorError(f"--set {item!r}: expected key=value, e.g. --set attack.pratio=0.05")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise AntidoorError(f"--set {item!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_nested(d: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        nxt = d.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise AntidoorError(f"--set {'.'.join(keys)}: {k!r} is a value, not a section")
+        d = nxt
+    d[keys[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise AntidoorError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise AntidoorError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise AntidoorError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
+                 base: dict[str, Any] | None = None, **explicit: Any) -> C:
+    """Defaults < ``base`` < YAML file < ``--set`` overrides < explicit CLI options (None = not given)."""
+    raw: dict[str, Any] = _merge({}, base or {})
+    if path is not None:
+        raw = _merge(raw, read_yaml(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_nested(raw, keys, value)
+    for dotted, value in explicit.items():
+        if value is not None:
+            set_nested(raw, dotted.split("__"), value)
+    try:
+        return cls(**raw)
+    except ValidationError as e:
+        raise AntidoorError(f"invalid config: {format_validation_error(e)}") from None
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class EvaluateConfig(BaseModel):
+    """``antidoor evaluate``: which test data and which attack a checkpoint is measured under."""
+
+    model_config = ConfigDict(extra="forbid")
+    data: DataConfig = DataConfig()
+    attack: AttackSpec = Field(default_factory=lambda: {"name": DEFAULT_ATTACK}, validate_default=True)
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+

@@ -1,0 +1,199 @@
+"""Dataset sources: the bundled mini CIFAR-10, any ``.npz``, torchvision datasets, image folders.
+
+Every source returns an :class:`ImageData` with uint8 (N, C, H, W) images. Which source is used
+follows from the name: ``cifar10-mini`` (bundled, offline), a path to a ``.npz`` file, a path to a
+folder laid out as ``train/<class>/*`` and ``test/<class>/*``, or a torchvision name
+(``cifar10``, ``cifar100``, ``gtsrb``, ``mnist``, ``svhn``) that may be downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from antidoor.data.dataset import ImageData
+from antidoor.errors import AntidoorError
+
+BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10_mini.npz"}
+# Digits and traffic signs change meaning when mirrored.
+TORCHVISION = {"cifar10": True, "cifar100": True, "gtsrb": False, "mnist": False, "svhn": False}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+def dataset_names() -> list[str]:
+    return [*BUNDLED, *TORCHVISION, "<file.npz>", "<image folder>"]
+
+
+def load_dataset(
+    name: str,
+    root: str | Path = "~/.cache/antidoor",
+    download: bool = False,
+    hflip: bool | None = None,
+    image_size: int | None = None,
+) -> ImageData:
+    """Load a dataset by name or path (see the module docstring for what a name may be)."""
+    path = Path(name).expanduser()
+    if name in BUNDLED:
+        data = load_npz(BUNDLED[name], name=name, default_hflip=True)
+        data.source["provenance"] = "CIFAR-10 (Krizhevsky 2009), class-balanced subset, see antidoor/data/bundled/README.md"
+    elif name.lower() in TORCHVISION:
+        data = load_torchvision(name.lower(), Path(root).expanduser(), download, image_size)
+    elif path.suffix == ".npz":
+        data = load_npz(path, name=path.stem)
+    elif path.is_dir():
+        data = load_image_folder(path, image_size)
+    else:
+        raise AntidoorError(
+            f"data.name {name!r} is neither a known dataset nor an existing .npz file or image folder; "
+            f"allowed: {', '.join(dataset_names())}"
+        )
+    if hflip is not None:
+        data.hflip = hflip
+    return data
+
+
+def _to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
+    """Accept (N, H, W), (N, H, W, C) or (N, C, H, W) uint8 arrays; return (N, C, H, W)."""
+    if x.dtype != np.uint8:
+        raise AntidoorError(f"{what}: images must be uint8 (0..255), got {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
+        raise AntidoorError(f"{what}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1 or 3, got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _labels(y: np.ndarray, what: str) -> torch.Tensor:
+    if not np.issubdtype(y.dtype, np.integer):
+        raise AntidoorError(f"{what}: labels must be integers, got {y.dtype}")
+    return torch.from_numpy(y.astype(np.int64).reshape(-1))
+
+
+def load_npz(path: str | Path, name: str | None = None, default_hflip: bool = True) -> ImageData:
+    """An ``.npz`` with ``x_train, y_train, x_test, y_test`` and optionally ``classes``.
+
+    Read with ``allow_pickle=False``: an array of Python objects is refused, never unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AntidoorError(f"data file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+            if missing:
+                raise AntidoorError(f"{path}: missing keys {sorted(missing)}; an .npz needs x_train, y_train, x_test, y_test[, classes]")
+            arrays = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise AntidoorError(f"{path}: not a readable .npz file ({e})") from None
+    except ValueError as e:  # object arrays need pickle, which we refuse
+        raise AntidoorError(f"{path}: cannot be read without unpickling ({e}); store plain numeric arrays") from None
+    y_train, y_test = _labels(arrays["y_train"], f"{path} y_train"), _labels(arrays["y_test"], f"{path} y_test")
+    n_classes = int(max(y_train.max(), y_test.max())) + 1
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(n_classes)]
+    if len(classes) < n_classes:
+        raise AntidoorError(f"{path}: {len(classes)} class names but labels up to {n_classes - 1}")
+    return ImageData(
+        name=name or path.stem,
+        x_train=_to_nchw(arrays["x_train"], f"{path} x_train"), y_train=y_train,
+        x_test=_to_nchw(arrays["x_test"], f"{path} x_test"), y_test=y_test,
+        classes=classes, hflip=default_hflip,
+        source={"kind": "npz", "path": str(path), "sha256": _sha256(path)},
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_torchvision(name: str, root: Path, download: bool, image_size: int | None = None) -> ImageData:
+    """CIFAR-10/100, GTSRB, MNIST or SVHN through torchvision, downloaded when ``download`` is set."""
+    from torchvision import datasets
+
+    def make(train: bool) -> Any:
+        if name == "cifar10":
+            return datasets.CIFAR10(root, train=train, download=download)
+        if name == "cifar100":
+            return datasets.CIFAR100(root, train=train, download=download)
+        if name == "mnist":
+            return datasets.MNIST(root, train=train, download=download)
+        if name == "svhn":
+            return datasets.SVHN(root, split="train" if train else "test", download=download)
+        return datasets.GTSRB(root, split="train" if train else "test", download=download)
+
+    try:
+        splits = [make(True), make(False)]
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise AntidoorError(
+            f"dataset {name!r} not found under {root} ({e}); pass --set data.download=true while online, "
+            f"or data.root=DIR where it already lies"
+        ) from None
+    except OSError as e:  # URLError and friends: no network
+        raise AntidoorError(f"could not download dataset {name!r} into {root} ({e}); are you offline? use the bundled cifar10-mini or an .npz") from None
+
+    xs, ys = [], []
+    for ds in splits:
+        if name in ("cifar10", "cifar100", "mnist"):
+            x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else ds.data
+            y = np.asarray(ds.targets)
+        elif name == "svhn":
+            x, y = ds.data, ds.labels  # already (N, C, H, W)
+        else:  # GTSRB: images of varying size on disk
+            x, y = _read_images([p for p, _ in ds._samples], image_size or 32), np.array([t for _, t in ds._samples])
+        xs.append(_to_nchw(np.asarray(x), name))
+        ys.append(_labels(np.asarray(y), name))
+    classes = list(getattr(splits[0], "classes", [])) or [str(i) for i in range(int(max(ys[0].max(), ys[1].max())) + 1)]
+    return ImageData(name, xs[0], ys[0], xs[1], ys[1], classes=[str(c) for c in classes], hflip=TORCHVISION[name],
+                     source={"kind": "torchvision", "name": name, "root": str(root)})
+
+
+def _read_images(paths: list[Path | str], size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                images.append(np.asarray(im))
+        except OSError as e:
+            raise AntidoorError(f"cannot read image {p}: {e}") from None
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise AntidoorError(f"images differ in size ({sorted(shapes)[:3]}...); set data.image_size to resize them")
+    return np.stack(images)
+
+
+def load_image_folder(root: Path, image_size: int | None = None) -> ImageData:
+    """A folder ``root/train/<class>/<image>`` and ``root/test/<class>/<image>``; classes sorted by name."""
+    splits = {s: root / s for s in ("train", "test")}
+    for s, d in splits.items():
+        if not d.is_dir():
+            raise AntidoorError(f"image folder {root}: missing {s}/ (expected {root}/train/<class>/* and {root}/test/<class>/*)")
+    classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
+    if not classes:
+        raise AntidoorError(f"image folder {root}/train has no class folders")
+    arrays = {}
+    for s, d in splits.items():
+        paths, labels = [], []
+        for c, cls in enumerate(classes):
+            files = sorted(p for p in (d / cls).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if (d / cls).is_dir() else []
+            paths += files
+            labels += [c] * len(files)
+        if not paths:
+            raise AntidoorError(f"image folder {d} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        arrays[s] = (_to_nchw(_read_images(paths, image_size), str(d)), torch.tensor(labels, dtype=torch.int64))
+    return ImageData(root.name, *arrays["train"], *arrays["test"], classes=classes,
+                     source={"kind": "folder", "path": str(root)})

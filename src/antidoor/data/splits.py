@@ -1,0 +1,78 @@
+"""Who sees which training images: the defender's clean set (and its validation part) and the
+attacker's poisoned indices, disjoint by construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from antidoor.errors import AntidoorError
+
+
+@dataclass
+class Splits:
+    """Index tensors into the training set (int64, sorted).
+
+    ``defender_train`` and ``defender_val`` are the defender's clean data (a class-stratified
+    fraction of the training set, never poisoned); ``poison`` are the images the attacker poisons.
+    The model is trained on the whole training set, poisoned indices included.
+    """
+
+    defender_train: torch.Tensor
+    defender_val: torch.Tensor
+    poison: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"split.defender_train": self.defender_train, "split.defender_val": self.defender_val, "split.poison": self.poison}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Splits | None:
+        try:
+            return cls(tensors["split.defender_train"], tensors["split.defender_val"], tensors["split.poison"])
+        except KeyError:
+            return None
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, generator: torch.Generator,
+                      among: torch.Tensor | None = None) -> torch.Tensor:
+    """A seeded, class-stratified ``fraction`` of ``among`` (default: all indices); at least one per class."""
+    among = torch.arange(len(labels)) if among is None else among
+    picked = []
+    for c in labels[among].unique().tolist():
+        members = among[labels[among] == c]
+        k = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, pratio: float, target: int,
+                clean_label: bool, seed: int) -> tuple[Splits, str | None]:
+    """Draw the defender's data first, then the poisoned indices from what is left.
+
+    Dirty-label attacks poison ``round(pratio * N)`` images of any class (target included, as in
+    BackdoorBench); clean-label attacks only target-class images. Returns the splits and a note when
+    a clean-label attack had fewer target images than asked for (then all of them are poisoned).
+    """
+    labels = labels.cpu()
+    g = torch.Generator().manual_seed(seed)
+    defender = stratified_subset(labels, clean_ratio, g)
+    val = stratified_subset(labels, val_ratio, g, among=defender)
+    train = defender[~torch.isin(defender, val)]
+    if len(train) == 0:
+        raise AntidoorError(f"data.val_ratio {val_ratio} leaves no defender training images; lower it")
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[defender] = False
+    if clean_label:
+        rest &= labels == target
+    candidates = rest.nonzero().flatten()
+    wanted = round(pratio * len(labels))
+    note = None
+    if wanted > len(candidates):
+        if not clean_label:  # cannot happen for pratio < 1 - clean_ratio, but say so clearly
+            raise AntidoorError(f"attack.pratio {pratio} asks for {wanted} poisoned images but only {len(candidates)} lie outside the defender's data")
+        note = (f"clean-label attack: pratio {pratio} asks for {wanted} target-class images; {len(candidates)} lie outside "
+                f"the defender's data, so all of them are poisoned (effective pratio {len(candidates) / len(labels):.4f})")
+        wanted = len(candidates)
+    poison = candidates[torch.randperm(len(candidates), generator=g)[:wanted]].sort().values
+    return Splits(train, val, poison), note

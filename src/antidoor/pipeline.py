@@ -1,0 +1,118 @@
+"""The attack stage of the main job: data + attack + splits -> a trained (backdoored) model.
+
+A :class:`Scenario` is everything about one (dataset, attack, seed): the data on the device, the
+trigger, who holds which training images, and the evaluator for the test split. Training hooks
+poison the batches by index, so the poisoned training set is never a second copy of the data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from antidoor.attacks.base import Attack, create_attack
+from antidoor.config import AttackRunConfig, DataConfig
+from antidoor.data import ImageData, Splits, load_dataset, make_splits
+from antidoor.metrics import Evaluator
+from antidoor.models import Classifier, build_model
+from antidoor.train import BatchHook, TrainConfig, train
+from antidoor.utils import info, resolve_device, seed_everything, warn
+
+
+@dataclass
+class Scenario:
+    data: ImageData
+    attack: Attack
+    splits: Splits
+    data_config: DataConfig
+    seed: int
+    notes: list[str] = field(default_factory=list)
+    _evaluator: Evaluator | None = None
+
+    @classmethod
+    def build(cls, data_cfg: DataConfig, attack_spec: dict[str, Any], seed: int = 0,
+              device: str | torch.device = "auto", data: ImageData | None = None) -> Scenario:
+        """Load the data (or reuse ``data``), move it to the device once, draw trigger and splits."""
+        dev = resolve_device(device)
+        if data is None:
+            data = load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.hflip, data_cfg.image_size)
+        data = data.to(dev)
+        attack = create_attack({**attack_spec, "seed": seed}, data.image_shape, data.num_classes).to(dev)
+        splits, note = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio,
+                                   pratio=attack.pratio, target=attack.target, clean_label=attack.clean_label, seed=seed)
+        notes = [note] if note else []
+        for n in notes:
+            warn(n)
+        return cls(data, attack, splits, data_cfg, seed, notes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.x_train.device
+
+    def poison_hooks(self) -> dict[str, BatchHook | None]:
+        """The ``before_augment``/``after_augment`` hooks that poison batches by training index."""
+        if len(self.splits.poison) == 0:
+            return {"before_augment": None, "after_augment": None}
+        mask = torch.zeros(len(self.data.x_train), dtype=torch.bool, device=self.device)
+        mask[self.splits.poison.to(self.device)] = True
+        attack = self.attack
+
+        def hook(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return attack.poison_batch(x, y, mask[idx], g)
+
+        stage = attack.params.stage
+        return {"before_augment": hook if stage == "before_augment" else None,
+                "after_augment": hook if stage == "after_augment" else None}
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.data.x_test, self.data.y_test, self.attack)
+        return self._evaluator
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.data.describe(), "config": self.data_config.model_dump(), "split_seed": self.seed,
+                "n_poison": len(self.splits.poison), "n_defender_train": len(self.splits.defender_train),
+                "n_defender_val": len(self.splits.defender_val), "notes": self.notes}
+
+
+@dataclass
+class AttackResult:
+    model: Classifier
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    scenario: Scenario
+    seconds: float
+
+
+def new_model(scenario: Scenario, name: str, width: int) -> Classifier:
+    d = scenario.data
+    return build_model(name, d.num_classes, d.image_shape[0], d.mean, d.std, width=width)
+
+
+def train_attack(cfg: AttackRunConfig, scenario: Scenario | None = None, description: str | None = None) -> AttackResult:
+    """Train a model on the (poisoned) training set and measure it on the test split."""
+    scenario = scenario or Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
+    seed_everything(cfg.seed)
+    model = new_model(scenario, cfg.model.name, cfg.model.width)
+    label = description or (f"{cfg.attack['name']} (pratio {cfg.attack['pratio']})" if cfg.attack["pratio"] else "clean")
+    info(f"training {cfg.model.name} (width {cfg.model.width}) on {scenario.data.name}: {label}, "
+         f"{len(scenario.splits.poison)} poisoned of {len(scenario.data.x_train)}, {cfg.train.epochs} epochs, {scenario.device}")
+    t0 = time.perf_counter()
+    history = train(model, scenario.data.x_train, scenario.data.y_train, cfg.train, seed=cfg.seed,
+                    hflip=scenario.data.hflip, description=label, **scenario.poison_hooks())
+    seconds = time.perf_counter() - t0
+    metrics = scenario.evaluator(model)
+    return AttackResult(model, metrics, history, scenario, seconds)
+
+
+def run_meta(cfg: AttackRunConfig, result: AttackResult) -> dict[str, Any]:
+    """What the checkpoint sidecar records about an attack run."""
+    return {"classes": result.scenario.data.classes, "dataset": result.scenario.describe(), "seed": cfg.seed,
+            "config": cfg.model_dump(), "metrics": result.metrics, "train_seconds": round(result.seconds, 2)}
+
+
+__all__ = ["AttackResult", "Scenario", "TrainConfig", "new_model", "run_meta", "train_attack"]

@@ -1,0 +1,147 @@
+"""The one training loop: data on the device, batched augmentation, channels_last, AMP on CUDA.
+
+Everything that fits a classifier (attacks, fine-tuning defenses, the retuning attack) goes
+through :func:`batches` for its data and, for plain supervised training, :func:`train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from antidoor.data.augment import Augment
+from antidoor.utils import generator_for, progress_bar
+
+# (x float [0,1] on device, y, indices into the source tensor, generator) -> (x, y)
+BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainConfig(BaseModel):
+    """Optimiser, schedule and data-pipeline settings (BackdoorBench's CIFAR-10 recipe by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="stepped per batch")
+    augment: bool = True
+    crop_padding: int = Field(4, ge=0)
+    drop_last: bool = True
+    amp: bool = Field(True, description="bfloat16 autocast; only takes effect on CUDA")
+    channels_last: bool = True
+
+
+def make_optimizer(params: list[nn.Parameter] | Iterator[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    total_steps = max(1, total_steps)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op on the CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator, *,
+            shuffle: bool = True, drop_last: bool = True, augment: Augment | None = None,
+            before_augment: BatchHook | None = None, after_augment: BatchHook | None = None,
+            channels_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch of (x, y, idx) batches from uint8 images already on the device.
+
+    Each batch is converted to float in [0, 1] once; the hooks (poisoning) run before or after
+    the batched augmentation; ``idx`` are the batch's indices into ``images``.
+    """
+    n = len(images)
+    order = torch.randperm(n, device=images.device, generator=generator) if shuffle else torch.arange(n, device=images.device)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        x = images[idx].float().div_(255)
+        y = labels[idx]
+        if before_augment is not None:
+            x, y = before_augment(x, y, idx, generator)
+        if augment is not None:
+            x = augment(x, generator)
+        if after_augment is not None:
+            x, y = after_augment(x, y, idx, generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y, idx
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
+          seed: int = 0, hflip: bool = True, before_augment: BatchHook | None = None,
+          after_augment: BatchHook | None = None, description: str = "train",
+          on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Supervised training with cross-entropy, in place; returns one stats dict per epoch.
+
+    ``images`` are uint8 (N, C, H, W) on the model's device. The same seed gives the same
+    weights on the CPU.
+    """
+    device = images.device
+    prepare_model(model, device, cfg.channels_last)
+    g = generator_for(device, seed)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    per_epoch = steps_per_epoch(len(images), cfg.batch_size, cfg.drop_last)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * per_epoch)
+    augment = Augment(cfg.crop_padding, hflip) if cfg.augment else None
+    history = []
+    model.train()
+    with progress_bar(cfg.epochs * per_epoch, description) as advance:
+        for epoch in range(cfg.epochs):
+            t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device), 0
+            for x, y, _ in batches(images, labels, cfg.batch_size, g, drop_last=cfg.drop_last, augment=augment,
+                                   before_augment=before_augment, after_augment=after_augment,
+                                   channels_last=cfg.channels_last):
+                with autocast(device, cfg.amp):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                # accumulate on the device: no host sync per batch
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                advance(1, epoch=epoch + 1)
+            stats = {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+                     "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            stats["images_per_s"] = seen / stats["seconds"]
+            history.append(stats)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, stats)
+    model.eval()
+    return history
