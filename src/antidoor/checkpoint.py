@@ -101,6 +101,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     raise AntidoorError(f"checkpoint {str(path)!r}: unknown file type {path.suffix!r}; allowed: .safetensors, .pt, .pth")
 
 
+def _few(keys: list[str]) -> str:
+    return str(keys[:3])[:-1] + (", ...]" if len(keys) > 3 else "]")
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint and its sidecar ``<stem>.json``; check every shape before using it."""
     path = Path(path)
@@ -121,7 +125,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise AntidoorError(f"checkpoint {str(path)!r} does not match architecture {arch['name']!r}: "
-                            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+                            f"missing {_few(missing)}, unexpected {_few(unexpected)}")
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise AntidoorError(f"checkpoint {str(path)!r}: tensor {k!r} has shape {tuple(v.shape)}, "

@@ -100,35 +100,85 @@ def evaluate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Print and save clean_acc, asr and robust_acc of a checkpoint under an attack."""
+    from antidoor.attacks import create_attack
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import EvaluateConfig, build_config
-    from antidoor.data import load_dataset
-    from antidoor.metrics import Evaluator
-    from antidoor.utils import atomic_write_json, resolve_device
+    from antidoor.pipeline import Scenario
+    from antidoor.utils import atomic_write_json
 
     set_quiet(quiet)
     ckpt = load_checkpoint(checkpoint)
-    base = {"data": ckpt.meta.get("dataset", {}).get("config", {}), "attack": ckpt.meta.get("attack") or {"name": "none", "pratio": 0}}
-    base["attack"] = {k: v for k, v in base["attack"].items()}
-    cfg = build_config(EvaluateConfig, config, set_, base=base, attack__name=attack_name, data__name=data, device=device, seed=seed)
-    dev = resolve_device(cfg.device)
-    d = cfg.data
-    dataset = load_dataset(d.name, d.root, d.download, d.hflip, d.image_size)
-    arch = ckpt.model.arch
-    if dataset.image_shape[0] != arch["in_channels"] or dataset.num_classes != arch["num_classes"]:
-        raise AntidoorError(f"checkpoint {str(checkpoint)!r} expects {arch['in_channels']}-channel images and {arch['num_classes']} classes; "
-                            f"data {d.name!r} has {dataset.image_shape[0]} channels and {dataset.num_classes} classes")
-    from antidoor.attacks import create_attack
-
-    same_attack = ckpt.attack is not None and cfg.attack == {k: v for k, v in ckpt.attack.spec().items() if k != "seed"}
-    atk = ckpt.attack if same_attack else create_attack({**cfg.attack, "seed": cfg.seed}, dataset.image_shape, dataset.num_classes)
-    atk.to(dev)
-    metrics = Evaluator(dataset.x_test.to(dev), dataset.y_test.to(dev), atk)(ckpt.model.to(dev))
-    target_dir = out or checkpoint.parent
-    atomic_write_json(target_dir / f"{checkpoint.stem}.metrics.json",
-                      {"checkpoint": str(checkpoint), "attack": atk.spec(), "data": d.name, "metrics": metrics})
-    console.print(_metrics_table(f"{checkpoint.name} under {atk.name} on {d.name}", [metrics], ["clean_acc", "asr", "robust_acc"]))
+    recorded = ckpt.meta.get("attack") or {"name": "none", "pratio": 0}
+    # under another attack (--attack, --set attack.name, a config file) only the recorded target carries over,
+    # not the recorded attack's own parameters (which the other attack would refuse)
+    base = {"data": ckpt.meta.get("dataset", {}).get("config", {}),
+            "attack": {"name": recorded["name"], "target": recorded.get("target", 0)}}
+    options = {"attack__name": attack_name, "data__name": data, "device": device, "seed": seed}
+    if build_config(EvaluateConfig, config, set_, base=base, **options).attack["name"] == recorded["name"]:
+        base["attack"] = recorded
+    cfg = build_config(EvaluateConfig, config, set_, base=base, **options)
+    scenario = Scenario.from_checkpoint(ckpt, cfg.data, cfg.device)
+    own = ckpt.attack is not None and cfg.attack == {k: v for k, v in ckpt.attack.spec().items() if k != "seed"}
+    if not own:
+        d = scenario.data
+        scenario.attack = create_attack({**cfg.attack, "seed": cfg.seed}, d.image_shape, d.num_classes).to(scenario.device)
+    metrics = scenario.evaluator(ckpt.model.to(scenario.device))
+    atk = scenario.attack
+    atomic_write_json((out or checkpoint.parent) / f"{checkpoint.stem}.metrics.json",
+                      {"checkpoint": str(checkpoint), "attack": atk.spec(), "data": cfg.data.name, "metrics": metrics})
+    title = f"{checkpoint.name} under {atk.name} on {cfg.data.name}"
+    console.print(_metrics_table(title, [metrics], ["clean_acc", "asr", "robust_acc"]))
     print_json_line(metrics)
+
+
+@app.command()
+def purify(
+    checkpoint: Path = typer.Argument(..., help="the (backdoored) model: a .safetensors checkpoint with its .json sidecar"),
+    defense: str = typer.Option(None, "--defense", "-d", help="defense name (default sau); see the list below"),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    data: str = typer.Option(None, "--data", help="defender data (default: the checkpoint's dataset and recorded split)"),
+    device: str = DeviceOpt,
+    seed: int = SeedOpt,
+    out: Path = typer.Option(Path("runs/purify"), "--out", "-o", help="output folder"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Purify a checkpoint with a defense: checkpoint in, checkpoint out, metrics before and after.
+
+    The defense sees only the defender's clean data (and its validation part); the test split is
+    used afterwards, to measure. Parameters: --set defense.rounds=20 and so on.
+    """
+    from antidoor.checkpoint import load_checkpoint, save_checkpoint
+    from antidoor.config import PurifyConfig, build_config
+    from antidoor.defenses import DEFENSES
+    from antidoor.defenses import purify as run_defense
+    from antidoor.metrics import der
+    from antidoor.pipeline import Scenario
+    from antidoor.utils import atomic_write_json
+
+    set_quiet(quiet)
+    cfg = build_config(PurifyConfig, config, set_, defense__name=defense, data__name=data, device=device, seed=seed)
+    ckpt = load_checkpoint(checkpoint)
+    scenario = Scenario.from_checkpoint(ckpt, cfg.data, cfg.device)
+    name = cfg.defense["name"]
+    params = {k: v for k, v in cfg.defense.items() if k != "name"}
+    defender = scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
+    before = scenario.evaluator(ckpt.model.to(scenario.device))
+    purified = run_defense(ckpt.model, defender, name, seed=cfg.seed, **params)
+    after = scenario.evaluator(purified)
+    if "asr" in before:
+        after["der"] = der(before, after)
+    # the sidecar's own fields (arch, attack, versions, ...) are rewritten by save_checkpoint
+    inherited = {k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")}
+    meta = {**inherited, "defense": {**cfg.defense, "seed": cfg.seed}, "parent": str(checkpoint),
+            "metrics_before": before, "metrics": after}
+    save_checkpoint(out / "model.safetensors", purified, meta, ckpt.attack, ckpt.splits)
+    atomic_write_json(out / "metrics.json",
+                      {"before": before, "after": after, "defense": meta["defense"], "parent": str(checkpoint)})
+    console.print(_metrics_table(f"{name} on {checkpoint.name}", [{"model": "before", **before}, {"model": name, **after}],
+                                 ["model", "clean_acc", "asr", "robust_acc", "der"]))
+    console.print(f"wrote {out / 'model.safetensors'} (+ model.json, metrics.json)")
+    print_json_line({"before": before, "after": after})
 
 
 @app.command()

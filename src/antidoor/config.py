@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from antidoor.attacks.base import validate_attack_spec
+from antidoor.defenses.base import validate_defense_spec
 from antidoor.errors import AntidoorError, format_validation_error
 from antidoor.models import MODELS
 from antidoor.train import TrainConfig
@@ -37,7 +38,8 @@ AttackSpec = Annotated[dict[str, Any], BeforeValidator(_attack_spec)]
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("cifar10-mini", description="cifar10-mini (bundled), a .npz path, an image folder, or cifar10/cifar100/gtsrb/mnist/svhn")
+    name: str = Field("cifar10-mini",
+                      description="cifar10-mini (bundled), a .npz path, an image folder, or cifar10/cifar100/gtsrb/mnist/svhn")
     root: str = Field("~/.cache/antidoor", description="where torchvision datasets live or are downloaded to")
     download: bool = False
     clean_ratio: float = Field(0.05, gt=0, lt=1, description="the defender's clean share of the training set")
@@ -145,3 +147,17 @@ class EvaluateConfig(BaseModel):
     seed: int = Field(0, ge=0)
     device: str = "auto"
 
+
+
+# A defense section: ``name`` plus that defense's own parameters, all checked against it.
+DefenseSpec = Annotated[dict[str, Any], BeforeValidator(validate_defense_spec)]
+
+
+class PurifyConfig(BaseModel):
+    """``antidoor purify``: a defense and its parameters; data defaults to the checkpoint's own."""
+
+    model_config = ConfigDict(extra="forbid")
+    defense: DefenseSpec = Field(default_factory=lambda: {"name": "sau"}, validate_default=True)
+    data: DataConfig | None = None
+    seed: int = Field(0, ge=0)
+    device: str = "auto"

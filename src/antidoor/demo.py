@@ -29,7 +29,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
 COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "train_s"]
 
 
-def run_demo(config: Path | None, overrides: list[str], device: str | None, seed: int | None, out: Path) -> list[dict[str, Any]]:
+def run_demo(config: Path | None, overrides: list[str], device: str | None, seed: int | None,
+             out: Path) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     cfg = build_config(AttackRunConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
     clean_cfg = cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
@@ -43,8 +44,8 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
         result.metrics = metrics
         save_checkpoint(out / f"{label}.safetensors", result.model, run_meta(run_cfg, result), scenario.attack, scenario.splits)
         rows.append({"model": label, **metrics, "train_s": round(result.seconds, 1)})
-    table = Table(title=f"antidoor demo: {cfg.attack['name']} on {backdoor.data.name} ({cfg.model.name}, width {cfg.model.width})",
-                  title_justify="left")
+    title = f"antidoor demo: {cfg.attack['name']} on {backdoor.data.name} ({cfg.model.name}, width {cfg.model.width})"
+    table = Table(title=title, title_justify="left")
     for c in COLUMNS:
         table.add_column(c, justify="left" if c == "model" else "right")
     for r in rows:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+P = TypeVar("P", bound=BaseModel)
 
 
 class AntidoorError(ValueError):
@@ -25,3 +29,13 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         else:
             parts.append(f"{loc} = {e.get('input')!r}: {e['msg']}")
     return "; ".join(parts)
+
+
+def validate_params(params_model: type[P], params: dict[str, Any], section: str, name: str) -> P:
+    """Build a method's parameter model, turning pydantic's errors into one line that names the
+    bad key, its value, what is allowed and every parameter the method takes."""
+    try:
+        return params_model(**params)
+    except ValidationError as e:
+        takes = ", ".join(params_model.model_fields)
+        raise AntidoorError(f"{format_validation_error(e, section)} ({section} {name!r} takes: {takes})") from None

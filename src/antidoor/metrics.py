@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from antidoor.attacks.base import Attack, NoAttack
+from antidoor.errors import AntidoorError
 from antidoor.train import autocast
 
 
@@ -43,6 +44,9 @@ class Evaluator:
         self.batch_size = batch_size
         if self.attack is not None:
             keep = y_test != self.attack.target
+            if not keep.any():
+                raise AntidoorError(f"every test image belongs to the target class {self.attack.target}, "
+                                    "so asr cannot be measured; use test data with other classes")
             self.y_bd = y_test[keep]
             xs = [self.attack.apply(x_test[keep][i:i + batch_size].float().div_(255)).mul_(255).round_().to(torch.uint8)
                   for i in range(0, int(keep.sum()), batch_size)]

@@ -14,8 +14,11 @@ from typing import Any
 import torch
 
 from antidoor.attacks.base import Attack, create_attack
+from antidoor.checkpoint import Checkpoint
 from antidoor.config import AttackRunConfig, DataConfig
 from antidoor.data import ImageData, Splits, load_dataset, make_splits
+from antidoor.defenses.base import DefenderData
+from antidoor.errors import AntidoorError
 from antidoor.metrics import Evaluator
 from antidoor.models import Classifier, build_model
 from antidoor.train import BatchHook, TrainConfig, train
@@ -48,6 +51,32 @@ class Scenario:
             warn(n)
         return cls(data, attack, splits, data_cfg, seed, notes)
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, data_cfg: DataConfig | None = None, device: str | torch.device = "auto",
+                        seed: int | None = None) -> Scenario:
+        """Rebuild the scenario a checkpoint was trained in: its data, its trigger and its splits.
+
+        A checkpoint without recorded splits (a model from elsewhere) gets a fresh seeded defender
+        split of ``data_cfg``'s training set and no poisoned indices (so no oracle references).
+        """
+        meta = ckpt.meta
+        recorded = meta.get("dataset", {}).get("config")
+        data_cfg = data_cfg or (DataConfig(**recorded) if recorded else DataConfig())
+        seed = meta.get("seed", 0) if seed is None else seed
+        dev = resolve_device(device)
+        data = load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.hflip, data_cfg.image_size).to(dev)
+        arch = ckpt.model.arch
+        if data.image_shape[0] != arch["in_channels"] or data.num_classes != arch["num_classes"]:
+            raise AntidoorError(f"the checkpoint expects {arch['in_channels']}-channel images and {arch['num_classes']} classes; "
+                                f"data {data_cfg.name!r} has {data.image_shape[0]} channels and {data.num_classes} classes")
+        attack = ckpt.attack or create_attack({"name": "none", "pratio": 0.0}, data.image_shape, data.num_classes)
+        splits = ckpt.splits
+        same_data = recorded is not None and recorded.get("name") == data_cfg.name
+        if splits is None or not same_data:
+            splits, _ = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio, pratio=0.0,
+                                    target=attack.target, clean_label=False, seed=seed)
+        return cls(data, attack.to(dev), splits, data_cfg, seed)
+
     @property
     def device(self) -> torch.device:
         return self.data.x_train.device
@@ -72,6 +101,20 @@ class Scenario:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.data.x_test, self.data.y_test, self.attack)
         return self._evaluator
+
+    def defender_data(self, oracle: bool = False) -> DefenderData:
+        """The defender's clean images; with ``oracle`` also the poisoned ones with their true labels."""
+        d, s = self.data, self.splits
+        poisoned_x = poisoned_y = None
+        if oracle and len(s.poison):
+            idx = s.poison.to(self.device)
+            x = d.x_train[idx].float().div_(255)
+            poisoned_x = self.attack.apply(x).mul_(255).round_().to(torch.uint8)
+            poisoned_y = d.y_train[idx]
+        dev = self.device
+        return DefenderData(d.x_train[s.defender_train.to(dev)], d.y_train[s.defender_train.to(dev)],
+                            d.x_train[s.defender_val.to(dev)], d.y_train[s.defender_val.to(dev)],
+                            d.num_classes, d.hflip, poisoned_x, poisoned_y)
 
     def describe(self) -> dict[str, Any]:
         return {**self.data.describe(), "config": self.data_config.model_dump(), "split_seed": self.seed,

@@ -6,8 +6,10 @@ bottom-right corner, all-to-one to class 0, 10% of the training set.
 
 Deviation: BackdoorBench stamps the patch before crop-and-flip augmentation; our default
 ``stage="after_augment"`` stamps it after, so the trigger the model learns sits exactly where
-test images carry it. On 5,000 images this lifts asr from about 83% to above 90%
-(``stage="before_augment"`` restores BackdoorBench's behaviour).
+test images carry it (``stage="before_augment"`` restores BackdoorBench's behaviour). On the
+bundled 5,000 images (small_cnn width 16, 20 epochs, lr 0.05, seed 0) asr is 42.2% with the patch
+stamped before augmentation and 95.1% after it: crops and flips scatter a 3x3 patch over the
+image, and 500 poisoned images are too few to learn every position.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.errors import AntidoorError, validate_params
 from antidoor.registry import Registry
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
@@ -101,10 +101,15 @@ class Attack:
         return {"name": self.name, **self.params.model_dump(), "seed": self.seed}
 
 
+class NoAttackParams(AttackParams):
+    pratio: float = Field(0.0, ge=0, lt=1, description="must be 0: 'none' poisons nothing")
+
+
 class NoAttack(Attack):
     """No trigger: trains and evaluates a clean reference (``pratio`` must be 0)."""
 
     name = "none"
+    Params = NoAttackParams
 
     def __init__(self, params: AttackParams, *args: Any, **kwargs: Any) -> None:
         if params.pratio != 0:
@@ -145,7 +150,4 @@ def validate_attack_spec(spec: Any) -> dict[str, Any]:
         raise AntidoorError(f"attack.name is missing; available: {', '.join(ATTACKS.names())}")
     cls = ATTACKS.get(str(name))
     params = {k: v for k, v in spec.items() if k not in ("name", "seed")}
-    try:
-        return {"name": name, **cls.Params(**params).model_dump()}
-    except ValidationError as e:
-        raise AntidoorError(f"{format_validation_error(e, 'attack')} (attack {name!r} takes: {', '.join(cls.Params.model_fields)})") from None
+    return {"name": name, **validate_params(cls.Params, params, "attack", str(name)).model_dump()}

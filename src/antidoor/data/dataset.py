@@ -33,15 +33,18 @@ class ImageData:
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if x.dtype != torch.uint8 or x.ndim != 4:
-                raise AntidoorError(f"dataset {self.name!r}: {split} images must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+                raise AntidoorError(f"dataset {self.name!r}: {split} images must be uint8 (N, C, H, W), "
+                                    f"got {x.dtype} {tuple(x.shape)}")
             if y.ndim != 1 or len(y) != len(x):
                 raise AntidoorError(f"dataset {self.name!r}: {len(x)} {split} images but labels of shape {tuple(y.shape)}")
             if len(x) == 0:
                 raise AntidoorError(f"dataset {self.name!r}: the {split} split is empty")
             if y.min() < 0 or y.max() >= len(self.classes):
-                raise AntidoorError(f"dataset {self.name!r}: {split} labels must lie in [0, {len(self.classes) - 1}], got {int(y.min())}..{int(y.max())}")
+                raise AntidoorError(f"dataset {self.name!r}: {split} labels must lie in [0, {len(self.classes) - 1}], "
+                                    f"got {int(y.min())}..{int(y.max())}")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise AntidoorError(f"dataset {self.name!r}: train images {tuple(self.x_train.shape[1:])} and test images {tuple(self.x_test.shape[1:])} differ in shape")
+            raise AntidoorError(f"dataset {self.name!r}: train images {tuple(self.x_train.shape[1:])} and "
+                                f"test images {tuple(self.x_test.shape[1:])} differ in shape")
         if self.x_train.shape[1] not in (1, 3):
             raise AntidoorError(f"dataset {self.name!r}: images need 1 or 3 channels, got {self.x_train.shape[1]}")
         if not self.mean:
@@ -60,7 +63,8 @@ class ImageData:
     def to(self, device: torch.device) -> ImageData:
         """The same dataset with its tensors on ``device`` (a no-op when already there)."""
         moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
-        return ImageData(self.name, **moved, classes=self.classes, hflip=self.hflip, mean=self.mean, std=self.std, source=self.source)
+        return ImageData(self.name, **moved, classes=self.classes, hflip=self.hflip, mean=self.mean, std=self.std,
+                         source=self.source)
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint sidecar records about the data."""

@@ -88,8 +88,11 @@ def load_npz(path: str | Path, name: str | None = None, default_hflip: bool = Tr
         with np.load(path, allow_pickle=False) as f:
             missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
             if missing:
-                raise AntidoorError(f"{path}: missing keys {sorted(missing)}; an .npz needs x_train, y_train, x_test, y_test[, classes]")
+                raise AntidoorError(f"{path}: missing keys {sorted(missing)}; "
+                                    "an .npz needs x_train, y_train, x_test, y_test[, classes]")
             arrays = {k: f[k] for k in f.files}
+    except AntidoorError:  # a ValueError too: keep its own message
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise AntidoorError(f"{path}: not a readable .npz file ({e})") from None
     except ValueError as e:  # object arrays need pickle, which we refuse
@@ -139,7 +142,8 @@ def load_torchvision(name: str, root: Path, download: bool, image_size: int | No
             f"or data.root=DIR where it already lies"
         ) from None
     except OSError as e:  # URLError and friends: no network
-        raise AntidoorError(f"could not download dataset {name!r} into {root} ({e}); are you offline? use the bundled cifar10-mini or an .npz") from None
+        raise AntidoorError(f"could not download dataset {name!r} into {root} ({e}); are you offline? "
+                            "use the bundled cifar10-mini or an .npz") from None
 
     xs, ys = [], []
     for ds in splits:

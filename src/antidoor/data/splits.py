@@ -70,7 +70,8 @@ def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, p
     note = None
     if wanted > len(candidates):
         if not clean_label:  # cannot happen for pratio < 1 - clean_ratio, but say so clearly
-            raise AntidoorError(f"attack.pratio {pratio} asks for {wanted} poisoned images but only {len(candidates)} lie outside the defender's data")
+            raise AntidoorError(f"attack.pratio {pratio} asks for {wanted} poisoned images but only {len(candidates)} "
+                                "lie outside the defender's data")
         note = (f"clean-label attack: pratio {pratio} asks for {wanted} target-class images; {len(candidates)} lie outside "
                 f"the defender's data, so all of them are poisoned (effective pratio {len(candidates) / len(labels):.4f})")
         wanted = len(candidates)

@@ -1,0 +1,166 @@
+"""SAU: Shared Adversarial Unlearning.
+
+Wei, Zhang, Zha & Wu, "Shared Adversarial Unlearning: Backdoor Mitigation by Unlearning Shared
+Adversarial Examples", NeurIPS 2023.
+
+Two models: ``f`` (being purified, initialised from the backdoored model) and ``f_ref`` (the
+frozen backdoored model), both in eval mode (BatchNorm statistics frozen; BN affine parameters
+still train). Each round visits every clean batch (x, y) once:
+
+1. Shared adversarial examples (maximisation). With y0 = argmax f(x), y0_ref = argmax f_ref(x)
+   (once per batch) and delta initialised at +bound, repeat ``pgd_steps`` times::
+
+       succ     = argmax f(x+d) != y0          succ_ref = argmax f_ref(x+d) != y0_ref
+       shared   = succ & succ_ref & (argmax f(x+d) == argmax f_ref(x+d))
+       L_adv    = -[sum_{~succ} CE(f(x+d), y) + sum_{~succ_ref} CE(f_ref(x+d), y)] / 2B
+       L_js     = sum_{~shared} JS(softmax f(x+d) || softmax f_ref(x+d)) / B   (probs clamped at 1e-8)
+       d       <- clip(d - step_size * sign(grad_d(beta_1 L_adv + beta_2 L_js)), -bound, bound)
+
+   stopping early once every sample is shared.
+2. Unlearning (minimisation), one Adam step::
+
+       y_adv_ref = argmax f_ref(x+d);  P = (y_adv_ref != y) & (y_adv_ref != y0_ref)
+       s         = softmax(f(x+d))[y_adv_ref], clamped to [1e-3, 0.999]
+       L         = lambda_1 CE(f(x), y) + lambda_2 CE(f(x+d), y) + lambda_3 sum_P -log(1 - s) / B
+
+3. The model after the last round is the result (no model selection on any test data).
+
+Defaults (the paper and BackdoorBench's config): 5% clean data, batch 256, Adam (amsgrad) lr 1e-4,
+no weight decay, 100 rounds, L-inf bound 0.2 in [0, 1] pixel space, 5 PGD steps of size 0.2,
+init +bound, beta_1 0.01, beta_2 1, lambda_1 1, lambda_2 0, lambda_3 1, no augmentation of the
+clean set (the official code loads it with the test-time transform).
+
+Deviations from the official code, and why:
+- Every setting reaches the algorithm: there is no learning-rate schedule (the official one is
+  built and never stepped) and ``amp`` really switches bfloat16 autocast on CUDA.
+- Speed without changing the maths: y0 and y0_ref are computed once per batch rather than at
+  every PGD step; ``f_ref`` is a frozen copy (``requires_grad_(False)``) so no parameter
+  gradients accumulate in it, and it runs under ``no_grad`` where no gradient must flow to delta;
+  gradients are taken with respect to delta only (``torch.autograd.grad``); y0_ref is reused in
+  the unlearning step; x and x+d go through ``f`` in one forward on the concatenated batch.
+- Like the official code, x + d is not clipped to [0, 1]: d is a probe of the models, not an image.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from antidoor.data.augment import Augment
+from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.models.registry import Classifier
+from antidoor.train import autocast, batches, prepare_model
+from antidoor.utils import generator_for, progress_bar
+
+
+class SAUParams(DefenseParams):
+    rounds: int = Field(100, ge=1, description="passes over the clean set")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    amsgrad: bool = True
+    bound: float = Field(0.2, gt=0, description="L-inf bound of the perturbation in [0, 1] pixel space")
+    pgd_steps: int = Field(5, ge=1)
+    step_size: float = Field(0.2, gt=0)
+    init: Literal["max", "min", "zero", "random"] = Field("max", description="initial perturbation: +bound, -bound, 0 or uniform")
+    beta_1: float = Field(0.01, ge=0, description="weight of the adversarial loss in the maximisation")
+    beta_2: float = Field(1.0, ge=0, description="weight of the JS agreement loss in the maximisation")
+    lambda_1: float = Field(1.0, ge=0, description="clean cross-entropy")
+    lambda_2: float = Field(0.0, ge=0, description="adversarial cross-entropy (adversarial training)")
+    lambda_3: float = Field(1.0, ge=0, description="shared adversarial unlearning")
+    augment: bool = Field(False, description="crop/flip the clean batches (the official code does not)")
+    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+
+
+def _init_delta(x: torch.Tensor, p: SAUParams, g: torch.Generator) -> torch.Tensor:
+    if p.init == "max":
+        return torch.full_like(x, p.bound)
+    if p.init == "min":
+        return torch.full_like(x, -p.bound)
+    if p.init == "zero":
+        return torch.zeros_like(x)
+    return (torch.rand(x.shape, device=x.device, generator=g) * 2 - 1) * p.bound
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jensen-Shannon divergence of two probability rows (already clamped away from 0)."""
+    m = 0.5 * (p + q)
+    return 0.5 * (p * (p.log() - m.log())).sum(1) + 0.5 * (q * (q.log() - m.log())).sum(1)
+
+
+def shared_adversarial_examples(f: Classifier, f_ref: Classifier, x: torch.Tensor, y: torch.Tensor, p: SAUParams,
+                                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: the perturbation d and y0_ref = argmax f_ref(x) (reused by the unlearning step)."""
+    amp = autocast(x.device, p.amp)
+    with torch.no_grad(), amp:
+        y0 = f(x).argmax(1)
+        y0_ref = f_ref(x).argmax(1)
+    n = len(x)
+    delta = _init_delta(x, p, g).clamp_(-p.bound, p.bound)
+    for _ in range(p.pgd_steps):
+        delta.requires_grad_(True)
+        x_adv = x + delta
+        with amp:
+            logits, logits_ref = f(x_adv).float(), f_ref(x_adv).float()
+        pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
+        succ, succ_ref = pred != y0, pred_ref != y0_ref
+        shared = succ & succ_ref & (pred == pred_ref)
+        ce = F.cross_entropy(logits, y, reduction="none")
+        ce_ref = F.cross_entropy(logits_ref, y, reduction="none")
+        loss_adv = -((ce * ~succ).sum() + (ce_ref * ~succ_ref).sum()) / (2 * n)
+        probs, probs_ref = logits.softmax(1).clamp_min(1e-8), logits_ref.softmax(1).clamp_min(1e-8)
+        loss_js = (js_divergence(probs, probs_ref) * ~shared).sum() / n
+        (grad,) = torch.autograd.grad(p.beta_1 * loss_adv + p.beta_2 * loss_js, delta)
+        delta = (delta.detach() - p.step_size * grad.sign()).clamp_(-p.bound, p.bound)
+        if bool(shared.all()):
+            break
+    return delta.detach(), y0_ref
+
+
+def unlearning_loss(f: Classifier, f_ref: Classifier, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                    y0_ref: torch.Tensor, p: SAUParams) -> torch.Tensor:
+    """Step 2: lambda_1 CE(clean) + lambda_2 CE(adversarial) + lambda_3 shared unlearning."""
+    n = len(x)
+    x_adv = x + delta
+    amp = autocast(x.device, p.amp)
+    with torch.no_grad(), amp:
+        y_adv_ref = f_ref(x_adv).argmax(1)
+    with amp:
+        logits, adv_logits = f(torch.cat([x, x_adv])).float().split(n)
+    potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
+    s = adv_logits.softmax(1).gather(1, y_adv_ref[:, None]).squeeze(1).clamp(1e-3, 0.999)
+    loss_shared = (-torch.log1p(-s) * potential).sum() / n
+    return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
+
+
+@DEFENSES.register("sau")
+class SAU(Defense):
+    name = "sau"
+    Params = SAUParams
+    params: SAUParams
+
+    def purify(self, model: Classifier, data: DefenderData) -> Classifier:
+        p = self.params
+        self.check_batch(p.batch_size, data)
+        f = prepare_model(model, data.device)
+        f_ref = copy.deepcopy(f).requires_grad_(False).eval()
+        f.eval()  # BN statistics frozen in both models; f's BN affine parameters still train
+        optimizer = torch.optim.Adam(f.parameters(), lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
+        g = generator_for(data.device, self.seed)
+        augment = Augment(hflip=data.hflip) if p.augment else None
+        n_batches = -(-len(data.x) // p.batch_size)
+        with progress_bar(p.rounds * n_batches, "SAU") as advance:
+            for r in range(p.rounds):
+                for x, y, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
+                    delta, y0_ref = shared_adversarial_examples(f, f_ref, x, y, p, g)
+                    loss = unlearning_loss(f, f_ref, x, y, delta, y0_ref, p)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    advance(1, round=r + 1)
+                self.report(r + 1, f)
+        return f

@@ -1,0 +1,155 @@
+"""registry.py, errors.py and utils.py."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from antidoor import utils
+from antidoor.attacks import ATTACKS
+from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.models import MODELS
+from antidoor.registry import Registry
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_register_get_and_list() -> None:
+    reg: Registry[object] = Registry("widget")
+
+    @reg.register("b")
+    def b() -> str:
+        return "b"
+
+    @reg.register("a")
+    def a() -> str:
+        return "a"
+
+    assert reg.get("a") is a and reg.get("b") is b
+    assert reg.names() == ["a", "b"] and list(reg) == ["a", "b"]
+    assert "a" in reg and "c" not in reg and len(reg) == 2
+
+
+def test_registry_refuses_duplicates() -> None:
+    reg: Registry[object] = Registry("widget")
+    reg.register("x")(object)
+    with pytest.raises(KeyError, match="registered twice"):
+        reg.register("x")(object)
+
+
+def test_registry_unknown_name_lists_available() -> None:
+    reg: Registry[object] = Registry("widget")
+    reg.register("alpha")(object)
+    reg.register("beta")(object)
+    with pytest.raises(AntidoorError, match=r"unknown widget 'gamma'; available: alpha, beta"):
+        reg.get("gamma")
+
+
+def test_project_registries_hold_the_documented_entries() -> None:
+    assert {"small_cnn", "preact_resnet18", "resnet18", "vgg16_bn"} <= set(MODELS)
+    assert {"badnets", "blended", "sig", "wanet", "none"} <= set(ATTACKS)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ratio: float = Field(0.1, ge=0, lt=1)
+
+
+def test_format_validation_error_names_key_value_and_rule() -> None:
+    with pytest.raises(ValidationError) as exc:
+        _Params(ratio=1.5, colour="red")
+    msg = format_validation_error(exc.value, "attack")
+    assert "attack.ratio = 1.5" in msg and "less than 1" in msg
+    assert "attack.colour: unknown key" in msg
+    assert "\n" not in msg
+
+
+def test_antidoor_error_is_a_value_error() -> None:
+    assert issubclass(AntidoorError, ValueError)
+
+
+# --- utils ------------------------------------------------------------------------------------
+
+
+def test_resolve_device_cpu_auto_and_bad_names() -> None:
+    assert utils.resolve_device("cpu") == torch.device("cpu")
+    assert utils.resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert utils.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert utils.resolve_device(None).type in ("cpu", "cuda")
+    with pytest.raises(AntidoorError, match="is not a device"):
+        utils.resolve_device("gpu-please")
+    with pytest.raises(AntidoorError, match="not supported"):
+        utils.resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_resolve_device_cuda_without_cuda() -> None:
+    with pytest.raises(AntidoorError, match="CUDA is not available"):
+        utils.resolve_device("cuda")
+
+
+def test_seed_everything_seeds_all_generators() -> None:
+    def draw(g: torch.Generator) -> tuple:
+        return random.random(), np.random.rand(), torch.rand(3).tolist(), torch.rand(3, generator=g).tolist()
+
+    first = draw(utils.seed_everything(5))
+    second = draw(utils.seed_everything(5))
+    third = draw(utils.seed_everything(6))
+    assert first == second
+    assert all(a != b for a, b in zip(first, third, strict=True))
+
+
+def test_generator_for_is_seeded() -> None:
+    dev = torch.device("cpu")
+    a = torch.rand(4, generator=utils.generator_for(dev, 1))
+    b = torch.rand(4, generator=utils.generator_for(dev, 1))
+    assert torch.equal(a, b)
+
+
+def test_atomic_write_json_handles_paths_numpy_and_scalar_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "out.json"
+    utils.atomic_write_json(path, {"p": Path("a/b"), "i": np.int64(3), "f": np.float32(0.5), "t": torch.tensor(2.0)})
+    assert json.loads(path.read_text()) == {"p": "a/b", "i": 3, "f": 0.5, "t": 2.0}
+    assert [p.name for p in path.parent.iterdir()] == ["out.json"]  # no temporary files left behind
+
+
+def test_atomic_write_keeps_old_file_when_serialisation_fails(tmp_path: Path) -> None:
+    path = tmp_path / "out.json"
+    utils.atomic_write_json(path, {"ok": 1})
+    with pytest.raises(TypeError, match="cannot write"):
+        utils.atomic_write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    utils.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_quiet_silences_info_but_not_warnings(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        utils.set_quiet(True)
+        utils.info("hidden-message")
+        utils.warn("shown-warning")
+        assert not utils.show_progress()
+        utils.set_quiet(False)
+        utils.info("visible-message")
+    finally:
+        utils.set_quiet(False)
+    err = capsys.readouterr().err
+    assert "hidden-message" not in err
+    assert "shown-warning" in err and "visible-message" in err
+
+
+def test_progress_bar_off_a_terminal_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    with utils.progress_bar(3, "work") as advance:
+        for _ in range(3):
+            advance(1, loss=0.5)
+    assert capsys.readouterr().err == ""
