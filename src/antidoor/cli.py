@@ -190,7 +190,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="output folder"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """The main job on the bundled mini CIFAR-10, offline: train a clean and a BadNets model, evaluate both."""
+    """The main job on the bundled mini CIFAR-10, offline: train a clean and a BadNets model, purify with FT and SAU."""
     from antidoor.demo import run_demo
 
     set_quiet(quiet)

@@ -153,6 +153,12 @@ class EvaluateConfig(BaseModel):
 DefenseSpec = Annotated[dict[str, Any], BeforeValidator(validate_defense_spec)]
 
 
+class DemoConfig(AttackRunConfig):
+    """``antidoor demo``: an attack run plus the defenses applied to its backdoored model."""
+
+    defenses: list[DefenseSpec] = Field(default_factory=list)
+
+
 class PurifyConfig(BaseModel):
     """``antidoor purify``: a defense and its parameters; data defaults to the checkpoint's own."""
 

@@ -1,9 +1,10 @@
 """``antidoor demo``: the main job on the bundled mini CIFAR-10, offline, in a few minutes on a CPU.
 
 Trains a clean reference and a BadNets model with the same data, seed and recipe, evaluates both
-under the same trigger and writes checkpoints, ``results.json`` and ``results.md`` to ``--out``.
-The demo's small settings (a small CNN, 20 epochs, lr 0.05) are chosen for speed; the API and
-the other commands keep BackdoorBench's full defaults.
+under the same trigger, purifies the BadNets model with FT and SAU (on the defender's clean data
+only) and writes checkpoints, ``results.json`` and ``results.md`` to ``--out``. The demo's small
+settings (a small CNN, 20 epochs, lr 0.05; SAU 20 rounds at lr 1e-3) are chosen for speed; the
+API and the other commands keep the methods' full defaults.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 from rich.table import Table
 
 from antidoor.checkpoint import save_checkpoint
-from antidoor.config import AttackRunConfig, build_config
+from antidoor.config import AttackRunConfig, DemoConfig, build_config
+from antidoor.defenses import DEFENSES, purify
+from antidoor.metrics import der
 from antidoor.pipeline import Scenario, run_meta, train_attack
 from antidoor.utils import atomic_write_json, atomic_write_text, console, info
 
@@ -24,44 +27,83 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "model": {"name": "small_cnn", "width": 16},
     "attack": {"name": "badnets", "pratio": 0.1, "target": 0},
     "train": {"epochs": 20, "lr": 0.05, "batch_size": 128},
+    # small settings for a CPU demo: the defenses' own defaults (SAU: 100 rounds, batch 256,
+    # lr 1e-4) stay the defaults of the API and the CLI
+    "defenses": [{"name": "ft"}, {"name": "sau", "rounds": 20, "batch_size": 100, "lr": 1e-3}],
 }
 
-COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "train_s"]
+TRAIN_COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "train_s"]
+DEFENSE_COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "der", "seconds"]
 
 
 def run_demo(config: Path | None, overrides: list[str], device: str | None, seed: int | None,
-             out: Path) -> list[dict[str, Any]]:
+             out: Path) -> dict[str, list[dict[str, Any]]]:
     t0 = time.perf_counter()
-    cfg = build_config(AttackRunConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
-    clean_cfg = cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
+    cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
+    attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses"}))
+    clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
     backdoor = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     # the clean reference: same data (already on the device), same defender split and trigger, no poison
     clean = Scenario.build(cfg.data, clean_cfg.attack, cfg.seed, cfg.device, data=backdoor.data)
-    rows = []
-    for label, run_cfg, scenario in (("clean", clean_cfg, clean), (cfg.attack["name"], cfg, backdoor)):
+    models, rows = {}, []
+    for label, run_cfg, scenario in (("clean", clean_cfg, clean), (cfg.attack["name"], attack_cfg, backdoor)):
         result = train_attack(run_cfg, scenario, description=f"demo: {label} model")
-        metrics = backdoor.evaluator(result.model)  # both measured under the same trigger
-        result.metrics = metrics
-        save_checkpoint(out / f"{label}.safetensors", result.model, run_meta(run_cfg, result), scenario.attack, scenario.splits)
-        rows.append({"model": label, **metrics, "train_s": round(result.seconds, 1)})
+        result.metrics = backdoor.evaluator(result.model)  # both measured under the same trigger
+        meta = run_meta(run_cfg, result)
+        save_checkpoint(out / f"{label}.safetensors", result.model, meta, scenario.attack, scenario.splits)
+        models[label] = result
+        rows.append({"model": label, **result.metrics, "train_s": round(result.seconds, 1)})
     title = f"antidoor demo: {cfg.attack['name']} on {backdoor.data.name} ({cfg.model.name}, width {cfg.model.width})"
+    console.print(_table(title, rows, TRAIN_COLUMNS))
+
+    bd = models[cfg.attack["name"]]
+    defense_rows = [{"model": f"{cfg.attack['name']} (no defense)", **bd.metrics, "der": None, "seconds": None}]
+    for spec in cfg.defenses:
+        name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+        t = time.perf_counter()
+        defender = backdoor.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
+        purified = purify(bd.model, defender, name, seed=cfg.seed, **params)
+        seconds = time.perf_counter() - t
+        metrics = backdoor.evaluator(purified)
+        metrics["der"] = der(bd.metrics, metrics)
+        meta = {**run_meta(attack_cfg, bd), "defense": {**spec, "seed": cfg.seed},
+                "metrics_before": bd.metrics, "metrics": metrics}
+        save_checkpoint(out / f"{cfg.attack['name']}-{name}.safetensors", purified, meta, backdoor.attack, backdoor.splits)
+        defense_rows.append({"model": name, **metrics, "seconds": round(seconds, 1)})
+    if cfg.defenses:
+        console.print(_table("purification of the backdoored model (defender data only; metrics on the test split)",
+                             defense_rows, DEFENSE_COLUMNS))
+
+    seconds = time.perf_counter() - t0
+    results = {"training": rows, "purification": defense_rows}
+    atomic_write_json(out / "results.json", {**results, "config": cfg.model_dump(), "seconds": round(seconds, 1)})
+    atomic_write_text(out / "results.md",
+                      markdown_table(rows, TRAIN_COLUMNS) + "\n" + markdown_table(defense_rows, DEFENSE_COLUMNS))
+    info(f"wrote {out}/results.json, results.md and checkpoints in {seconds:.0f} s")
+    return results
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
     table = Table(title=title, title_justify="left")
-    for c in COLUMNS:
+    for c in columns:
         table.add_column(c, justify="left" if c == "model" else "right")
     for r in rows:
-        table.add_row(r["model"], *(f"{100 * r[c]:.1f}%" for c in COLUMNS[1:4]), f"{r['train_s']:.0f}")
-    console.print(table)
-    seconds = time.perf_counter() - t0
-    atomic_write_json(out / "results.json", {"rows": rows, "config": cfg.model_dump(), "seconds": round(seconds, 1)})
-    atomic_write_text(out / "results.md", markdown_table(rows, COLUMNS))
-    info(f"wrote {out}/results.json, results.md and checkpoints in {seconds:.0f} s")
-    return rows
+        table.add_row(*(_cell(r.get(c), c) for c in columns))
+    return table
+
+
+def _cell(v: Any, column: str) -> str:
+    if v is None:
+        return "-"
+    if column in ("clean_acc", "asr", "robust_acc"):
+        return f"{100 * v:.1f}%"
+    if column == "der":
+        return f"{v:.3f}"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def cell(v: Any) -> str:
-        return f"{100 * v:.1f}" if isinstance(v, float) and 0 <= v <= 1 else str(v)
-
+    """Rates in percent (clean_acc, asr, robust_acc), der in [0, 1], times in seconds."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), c).rstrip("%") for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
