@@ -2,10 +2,12 @@
 
 Compares, in one process, on the same backdoored model, defender data, hyper-parameters and seed:
 
-* **ours** -- :func:`antidoor.purify` with ``"sau"`` and ``rounds=1``: y0 and y0_ref computed once per
-  batch, the frozen model ``f_ref`` with ``requires_grad_(False)`` and under ``no_grad`` where no
-  gradient must reach the perturbation, ``torch.autograd.grad`` with respect to the perturbation
-  only, y0_ref reused by the unlearning step, x and x+d through ``f`` in one forward, channels_last.
+* **ours** -- :func:`antidoor.purify` with ``"sau"`` and ``rounds=1``: the frozen model ``f_ref`` is an
+  inference-only copy with its BatchNorm folded into its convolutions (``frozen_copy``) and runs under
+  ``no_grad`` where no gradient must reach the perturbation; y0_ref = argmax f_ref(x) once per image for
+  the whole run (no augmentation, so every round sees the same images); f(x) once per batch, with autograd,
+  giving y0 and reused by the unlearning step's clean loss; ``torch.autograd.grad`` with respect to the
+  perturbation only; channels_last.
 * **reference** -- :func:`reference_purify` below: the same algorithm (``docs/methods.md``: the same
   losses, clamps, early stop and Adam with amsgrad) written the way the official code runs it:
   y0 = argmax f(x) and y0_ref = argmax f_ref(x) recomputed at every PGD step with autograd on;
@@ -28,7 +30,6 @@ code once more with channels_last off (only float rounding changes: the yardstic
 The script reports ``asr``/``clean_acc`` of each on the test split after every round, how far the
 first batch's perturbations, the first Adam step's gradients and the weights after it differ (a
 maths difference shows there; float noise does not), and the weight difference after the last round.
-``--experiments`` adds an experiment to the timed rounds and the check (see :func:`folded_ref_purify`).
 
 The backdoored model is trained here (BadNets on the bundled ``cifar10-mini``; small_cnn width 16,
 20 epochs, lr 0.05 by default: under a minute on two CPU cores) or loaded with ``--checkpoint``.
@@ -62,7 +63,7 @@ from antidoor.config import AttackRunConfig, build_config
 from antidoor.defenses.base import DefenderData, purify
 from antidoor.defenses.sau import SAUParams
 from antidoor.pipeline import Scenario, train_attack
-from antidoor.train import batches, prepare_model
+from antidoor.train import batches
 from antidoor.utils import generator_for, resolve_device
 
 
@@ -85,9 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", action="store_true",
                    help="let ours use bf16 autocast on CUDA (the reference never does, so the maths then differ)")
-    p.add_argument("--experiments", action="store_true",
-                   help="also time, in the same rounds and the check, an experiment: our loop with the frozen model's "
-                        "BatchNorm folded into its convolutions (not the library)")
     p.add_argument("--min-cpu-share", type=float, default=None,
                    help="set aside (and run again) a round in which a call's process got less than this share of its "
                         "threads' CPU time (default: 0.75 on the CPU, off on CUDA)")
@@ -238,15 +236,15 @@ def observe_ours() -> Iterator[dict[str, Any]]:
     original = sau.shared_adversarial_examples
     record: dict[str, Any] = {"calls": 0}
 
-    def wrapper(f: nn.Module, f_ref: nn.Module, x: torch.Tensor, y: torch.Tensor, p: SAUParams,
-                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def wrapper(f: nn.Module, f_ref: nn.Module, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor,
+                y0_ref: torch.Tensor, p: SAUParams, g: torch.Generator) -> torch.Tensor:
         record["calls"] += 1
         if record["calls"] == 2:  # f.grad still holds the first step's gradient (cleared just before the next backward)
             record["weights_after_step1"] = flat_params(f)
             record["grads_step1"] = flat_grads(f)
-        out = original(f, f_ref, x, y, p, g)
+        out = original(f, f_ref, x, y, y0, y0_ref, p, g)
         if record["calls"] == 1:
-            record["delta"] = out[0].clone()
+            record["delta"] = out.clone()
         return out
 
     sau.shared_adversarial_examples = wrapper
@@ -295,8 +293,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], lr: float) -> dict[str, Any]:
     }
 
 
-CHECK_RUNS = {"ours": "ours", "reference": "reference", "ours_nchw": "ours without channels_last",
-              "folded_ref": "experiment: ours, f_ref BN folded"}
+CHECK_RUNS = {"ours": "ours", "reference": "reference", "ours_nchw": "ours without channels_last"}
 PAIRS = (("ours", "reference"), ("ours", "ours_nchw"), ("reference", "ours_nchw"))
 
 
@@ -309,7 +306,7 @@ def maths_check(model: nn.Module, data: DefenderData, scenario: Scenario, args: 
     """
     print(f"\ncheck: {args.check_rounds} rounds of each from the same model and seed (lr {args.lr})", flush=True)
     evaluate = scenario.evaluator
-    runs: dict[str, dict[str, Any]] = {name: {"curve": []} for name in CHECK_RUNS if name != "folded_ref" or args.experiments}
+    runs: dict[str, dict[str, Any]] = {name: {"curve": []} for name in CHECK_RUNS}
 
     def kw(name: str) -> dict[str, Any]:
         def monitor(r: int, f: nn.Module) -> None:
@@ -324,8 +321,6 @@ def maths_check(model: nn.Module, data: DefenderData, scenario: Scenario, args: 
     with without_channels_last(), observe_ours() as seen:
         runs["ours_nchw"]["model"] = ours_purify(nchw, data, args.seed, **kw("ours_nchw"))
     runs["ours_nchw"].update(seen)
-    if args.experiments:
-        runs["folded_ref"]["model"] = folded_ref_purify(model, data, args.seed, **kw("folded_ref"))
     w0 = flat_params(model)
     for run in runs.values():
         run["metrics"] = evaluate(run["model"])
@@ -347,9 +342,6 @@ def maths_check(model: nn.Module, data: DefenderData, scenario: Scenario, args: 
         # binomial standard errors at the mean rates of ours and the reference (test-set sampling noise)
         "stderr_clean_acc": stderr(mean["clean_acc"], n_test), "stderr_asr": stderr(mean["asr"], n_bd),
     }
-    if args.experiments:
-        out["folded_ref_max_abs_weight_diff_vs_ours_final"] = (runs["folded_ref"]["weights_final"]
-                                                               - ours["weights_final"]).abs().max().item()
     return out
 
 
@@ -381,44 +373,9 @@ def print_check(check: dict[str, Any], before: dict[str, float]) -> None:
                             ("clean_acc_diff", "clean_acc difference", "+.4f"), ("asr_diff", "asr difference", "+.4f")):
         spec = (">+24" if fmt.startswith("+") else ">24") + fmt.lstrip("+")
         print(f"{label:48}" + "".join(f"{check[f'{a}_vs_{b}'][key]:{spec}}" for a, b in PAIRS))
-    if "folded_ref_max_abs_weight_diff_vs_ours_final" in check:
-        print(f"experiment (f_ref BN folded) vs ours: max |weight diff| after {check['rounds']} rounds "
-              f"{check['folded_ref_max_abs_weight_diff_vs_ours_final']:.3g}")
     print(f"PGD steps per batch (reference): {check['pgd_steps_per_batch']}")
     print(f"potential shared samples per batch: {check['potential_per_batch']}; of them with s > 0.999 "
           f"(no gradient through the clamp): {check['saturated_per_batch']}")
-
-
-def folded_ref_purify(model: nn.Module, data: DefenderData, seed: int,
-                      monitor: Callable[[int, nn.Module], None] | None = None, **params: Any) -> nn.Module:
-    """Experiment, not the library: ``SAU.purify``'s loop, with ``f_ref``'s BatchNorm folded into its convolutions.
-
-    ``f_ref`` is frozen and in eval mode, so each conv -> BN pair is one affine map and
-    ``torch.fx``'s ``fuse`` turns it into one convolution with a bias: the same function up to float
-    rounding, with no BatchNorm forward or backward left in the frozen model. ``f`` is untouched
-    (its BN affine parameters train). The loop calls our ``shared_adversarial_examples`` and
-    ``unlearning_loss`` exactly as ``SAU.purify`` does.
-    """
-    from torch.fx.experimental.optimization import fuse
-
-    p = SAUParams(**params)
-    f = prepare_model(copy.deepcopy(model), data.device)
-    torch.manual_seed(seed)
-    f_ref = prepare_model(fuse(copy.deepcopy(f).eval()), data.device).requires_grad_(False).eval()
-    f.eval()
-    optimizer = torch.optim.Adam(f.parameters(), lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
-    g = generator_for(data.device, seed)
-    for r in range(p.rounds):
-        for x, y, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False):
-            delta, y0_ref = sau.shared_adversarial_examples(f, f_ref, x, y, p, g)
-            loss = sau.unlearning_loss(f, f_ref, x, y, delta, y0_ref, p)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if monitor is not None:
-            monitor(r + 1, f)
-    f.eval()
-    return f
 
 
 def setup_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Scenario, dict[str, Any]]:
@@ -480,8 +437,6 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):
         timed(ours_purify)
         timed(reference_purify)
-        if args.experiments:
-            timed(folded_ref_purify)
 
     min_share = args.min_cpu_share if args.min_cpu_share is not None else (0.75 if device.type == "cpu" else 0.0)
     all_rounds: list[dict[str, Any]] = []
@@ -491,16 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         run = {"round": len(all_rounds), "ours_s": ours_s, "reference_s": ref_s, "speedup": ref_s / ours_s,
                "ours_cpu_share": ours_share, "reference_cpu_share": ref_share}
         shares = [ours_share, ref_share]
-        extra = ""
-        if args.experiments:
-            run["folded_ref_s"], run["folded_ref_cpu_share"] = with_cpu_share(lambda: timed(folded_ref_purify))
-            shares.append(run["folded_ref_cpu_share"])
-            extra = f"   folded f_ref {run['folded_ref_s']:7.3f} s ({ref_s / run['folded_ref_s']:4.2f}x)"
         run["kept"] = min(shares) >= min_share
         all_rounds.append(run)
         aside = "" if run["kept"] else "   (set aside: CPU contended)"
         print(f"  round {run['round']}: ours {ours_s:7.3f} s   reference {ref_s:7.3f} s   speed-up {run['speedup']:5.2f}x"
-              f"{extra}   cpu share {'/'.join(f'{x:.2f}' for x in shares)}{aside}", flush=True)
+              f"   cpu share {'/'.join(f'{x:.2f}' for x in shares)}{aside}", flush=True)
     runs = [r for r in all_rounds if r["kept"]]
     if len(runs) < args.rounds:
         print(f"warning: only {len(runs)} of {len(all_rounds)} rounds had a CPU share of at least {min_share}; "
@@ -509,7 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     ours_med = statistics.median(r["ours_s"] for r in runs)
     ref_med = statistics.median(r["reference_s"] for r in runs)
     speedup = ref_med / ours_med
-    folded_med = statistics.median(r["folded_ref_s"] for r in runs) if args.experiments else None
 
     check = maths_check(model, data, scenario, args, params) if args.check_rounds else None
     print()
@@ -517,8 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ours (antidoor.purify, sau)':34}{ours_med:10.3f}")
     print(f"{'reference (official-style)':34}{ref_med:10.3f}")
     print(f"speed-up reference/ours: {speedup:.2f}x (target >= 2x: {'met' if speedup >= 2 else 'NOT met'})")
-    if folded_med is not None:
-        print(f"{'experiment: ours, f_ref BN folded':34}{folded_med:10.3f}   speed-up {ref_med / folded_med:.2f}x")
     if check is not None:
         print_check(check, before)
     result = {
@@ -531,9 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         "defender_images": len(data.x), "batches_per_round": n_batches,
         "sau_params": {**defaults.model_dump(), "rounds": 1}, "seed": args.seed, "warmup": args.warmup,
         "rounds": all_rounds,
-        "median": {"ours_s": ours_med, "reference_s": ref_med, "folded_ref_s": folded_med},
+        "median": {"ours_s": ours_med, "reference_s": ref_med},
         "speedup": speedup, "target_speedup": 2.0, "target_met": speedup >= 2.0,
-        "speedup_folded_ref": None if folded_med is None else ref_med / folded_med,
         "min_cpu_share": min_share, "rounds_run": len(all_rounds), "rounds_kept": sum(r["kept"] for r in all_rounds),
         "check": check,
         "total_seconds": time.perf_counter() - t_start,

@@ -33,26 +33,30 @@ clean set (the official code loads it with the test-time transform).
 Deviations from the official code, and why:
 - Every setting reaches the algorithm: there is no learning-rate schedule (the official one is
   built and never stepped) and ``amp`` really switches bfloat16 autocast on CUDA.
-- Speed without changing the maths: y0 and y0_ref are computed once per batch rather than at
-  every PGD step; ``f_ref`` is a frozen copy (``requires_grad_(False)``) so no parameter
-  gradients accumulate in it, and it runs under ``no_grad`` where no gradient must flow to delta;
-  gradients are taken with respect to delta only (``torch.autograd.grad``); y0_ref is reused in
-  the unlearning step; x and x+d go through ``f`` in one forward on the concatenated batch.
+- Speed without changing the maths (``benchmarks/sau_speed.py``): ``f_ref`` is an inference-only
+  copy (``frozen_copy``: ``requires_grad_(False)``, eval mode, each conv -> BatchNorm pair folded into
+  one convolution, the same function up to float rounding), so no parameter gradients are ever
+  computed or accumulated in it, and it runs under ``no_grad`` where no gradient must flow to delta;
+  y0_ref = argmax f_ref(x) is computed once per image for the whole run (without augmentation the
+  images are the same in every round), not at every PGD step; f(x) runs once per batch, with
+  autograd: it gives y0 and its graph serves the unlearning step's clean loss (f has not changed
+  in between), so the clean batch is never forwarded twice; gradients are taken with respect to
+  delta only (``torch.autograd.grad``).
 - Like the official code, x + d is not clipped to [0, 1]: d is a probe of the models, not an image.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import nn
 
 from antidoor.data.augment import Augment
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
-from antidoor.models.registry import Classifier
+from antidoor.models.registry import Classifier, frozen_copy
 from antidoor.train import autocast, batches, prepare_model
 from antidoor.utils import generator_for, progress_bar
 
@@ -92,13 +96,10 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (p * (p.log() - m.log())).sum(1) + 0.5 * (q * (q.log() - m.log())).sum(1)
 
 
-def shared_adversarial_examples(f: Classifier, f_ref: Classifier, x: torch.Tensor, y: torch.Tensor, p: SAUParams,
-                                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1: the perturbation d and y0_ref = argmax f_ref(x) (reused by the unlearning step)."""
+def shared_adversarial_examples(f: Classifier, f_ref: nn.Module, x: torch.Tensor, y: torch.Tensor, y0: torch.Tensor,
+                                y0_ref: torch.Tensor, p: SAUParams, g: torch.Generator) -> torch.Tensor:
+    """Step 1: the shared adversarial perturbation d of the batch, given y0 = argmax f(x) and y0_ref = argmax f_ref(x)."""
     amp = autocast(x.device, p.amp)
-    with torch.no_grad(), amp:
-        y0 = f(x).argmax(1)
-        y0_ref = f_ref(x).argmax(1)
     n = len(x)
     delta = _init_delta(x, p, g).clamp_(-p.bound, p.bound)
     for _ in range(p.pgd_steps):
@@ -118,23 +119,36 @@ def shared_adversarial_examples(f: Classifier, f_ref: Classifier, x: torch.Tenso
         delta = (delta.detach() - p.step_size * grad.sign()).clamp_(-p.bound, p.bound)
         if bool(shared.all()):
             break
-    return delta.detach(), y0_ref
+    return delta.detach()
 
 
-def unlearning_loss(f: Classifier, f_ref: Classifier, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                    y0_ref: torch.Tensor, p: SAUParams) -> torch.Tensor:
-    """Step 2: lambda_1 CE(clean) + lambda_2 CE(adversarial) + lambda_3 shared unlearning."""
+def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    delta: torch.Tensor, y0_ref: torch.Tensor, p: SAUParams) -> torch.Tensor:
+    """Step 2: lambda_1 CE(clean) + lambda_2 CE(adversarial) + lambda_3 shared unlearning.
+
+    ``logits`` = f(x), computed with autograd before step 1 (f has not changed since) and reused here.
+    """
     n = len(x)
     x_adv = x + delta
     amp = autocast(x.device, p.amp)
     with torch.no_grad(), amp:
         y_adv_ref = f_ref(x_adv).argmax(1)
     with amp:
-        logits, adv_logits = f(torch.cat([x, x_adv])).float().split(n)
+        adv_logits = f(x_adv).float()
     potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
     s = adv_logits.softmax(1).gather(1, y_adv_ref[:, None]).squeeze(1).clamp(1e-3, 0.999)
     loss_shared = (-torch.log1p(-s) * potential).sum() / n
     return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
+
+
+def predictions(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool) -> torch.Tensor:
+    """argmax model(x) for uint8 images, in batches, without autograd."""
+    out = []
+    with torch.no_grad(), autocast(images.device, amp):
+        for x, _, _ in batches(images, images.new_zeros(len(images)), batch_size, torch.Generator(), shuffle=False,
+                               drop_last=False):
+            out.append(model(x).argmax(1))
+    return torch.cat(out)
 
 
 @DEFENSES.register("sau")
@@ -147,17 +161,29 @@ class SAU(Defense):
         p = self.params
         self.check_batch(p.batch_size, data)
         f = prepare_model(model, data.device)
-        f_ref = copy.deepcopy(f).requires_grad_(False).eval()
+        f_ref = prepare_model(frozen_copy(f), data.device)
         f.eval()  # BN statistics frozen in both models; f's BN affine parameters still train
         optimizer = torch.optim.Adam(f.parameters(), lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
         g = generator_for(data.device, self.seed)
         augment = Augment(hflip=data.hflip) if p.augment else None
+        # f_ref is frozen and, without augmentation, every image is the same in every round:
+        # its clean predictions are computed once for the whole set
+        y0_ref_all = None if augment else predictions(f_ref, data.x, p.batch_size, p.amp)
+        amp = autocast(data.device, p.amp)
         n_batches = -(-len(data.x) // p.batch_size)
         with progress_bar(p.rounds * n_batches, "SAU") as advance:
             for r in range(p.rounds):
-                for x, y, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
-                    delta, y0_ref = shared_adversarial_examples(f, f_ref, x, y, p, g)
-                    loss = unlearning_loss(f, f_ref, x, y, delta, y0_ref, p)
+                for x, y, idx in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
+                    with amp:
+                        logits = f(x).float()  # kept with its graph for the unlearning step's clean loss
+                    y0 = logits.detach().argmax(1)
+                    if y0_ref_all is not None:
+                        y0_ref = y0_ref_all[idx]
+                    else:
+                        with torch.no_grad(), amp:
+                            y0_ref = f_ref(x).argmax(1)
+                    delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, p, g)
+                    loss = unlearning_loss(f, f_ref, logits, x, y, delta, y0_ref, p)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

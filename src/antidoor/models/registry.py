@@ -59,3 +59,27 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, mean: tuple[f
         raise AntidoorError(f"normalisation has {len(mean)} means and {len(std)} stds for {in_channels} channels")
     arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs}
     return Classifier(backbone, mean, std, arch)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An inference-only copy for a model that never trains again (SAU's ``f_ref``, a teacher, ...).
+
+    The copy is in eval mode with ``requires_grad`` off, and every conv -> BatchNorm pair is folded
+    into one convolution with a bias (``torch.fx``): in eval mode a BatchNorm is an affine map, so
+    the copy computes the same function up to float rounding, with no BatchNorm left to run forward
+    or backward. Gradients with respect to the *input* still flow. A model that ``torch.fx`` cannot
+    trace (data-dependent control flow) is copied unfolded.
+    """
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    try:
+        folded = fuse(frozen, inplace=True)
+    except Exception:  # tracing is best-effort: an untraceable model is still correct unfolded
+        return frozen
+    folded = folded.eval().requires_grad_(False)
+    if hasattr(model, "arch"):  # keep the description for code that inspects the copy
+        folded.arch = model.arch
+    return folded
