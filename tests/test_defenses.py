@@ -10,7 +10,7 @@ import torch
 
 from antidoor.defenses import DEFENSES, DefenderData, Defense, purify
 from antidoor.defenses.base import validate_defense_spec
-from antidoor.defenses.sau import SAUParams, js_divergence, shared_adversarial_examples
+from antidoor.defenses.sau import SAUParams, js_divergence, shared_adversarial_examples, shared_adversarial_rate
 from antidoor.errors import AntidoorError
 from antidoor.models import MODELS, build_model, frozen_copy
 
@@ -101,6 +101,26 @@ def test_monitor_sees_every_round_but_cannot_pick_the_model(badnets_run, defende
     again = purify(badnets_run.result.model, defender, "sau", seed=0, rounds=3, batch_size=40)
     assert seen == [1, 2, 3]
     assert _same_weights(final, again)
+
+
+def test_sau_after_r_rounds_of_a_longer_run_is_the_run_with_r_rounds(badnets_run, defender):
+    # what lets benchmarks/sau_quality.py choose the number of rounds on validation data from one run
+    snapshots = {}
+    purify(badnets_run.result.model, defender, "sau", seed=0, rounds=3, batch_size=40,
+           monitor=lambda r, m: snapshots.__setitem__(r, {k: v.clone() for k, v in m.state_dict().items()}))
+    two = purify(badnets_run.result.model, defender, "sau", seed=0, rounds=2, batch_size=40)
+    assert all(torch.equal(snapshots[2][k], v) for k, v in two.state_dict().items())
+    assert not all(torch.equal(snapshots[3][k], v) for k, v in two.state_dict().items())
+
+
+def test_shared_adversarial_rate_is_a_rate_and_drops_after_sau(badnets_run, defender):
+    model = badnets_run.result.model
+    p = SAUParams(batch_size=40)
+    ref = frozen_copy(model)
+    before = shared_adversarial_rate(model, ref, defender.x_val, defender.y_val, p)
+    after = shared_adversarial_rate(purify(model, defender, "sau", seed=0, **FAST_SAU), ref, defender.x_val, defender.y_val, p)
+    assert 0 <= after < before <= 1
+    assert before == shared_adversarial_rate(model, ref, defender.x_val, defender.y_val, p)
 
 
 def test_ep_without_poisoned_samples_fails_clearly(badnets_run, defender):
