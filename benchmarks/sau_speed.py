@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import antidoor.defenses.sau as sau
+from _common import device_name, sync, with_cpu_share
 from antidoor.checkpoint import load_checkpoint
 from antidoor.config import AttackRunConfig, build_config
 from antidoor.defenses.base import DefenderData, purify
@@ -95,22 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -122,11 +109,6 @@ def flat_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.detach().float().flatten().cpu() for p in model.parameters()])
 
 
-def with_cpu_share(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and the share of the wall time its process spent on the CPU, per torch thread."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, (time.process_time() - c0) / ((time.perf_counter() - t0) * torch.get_num_threads())
 
 
 # --- the reference: the same algorithm, run the way the official code runs it -------------------------------

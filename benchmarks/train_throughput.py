@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import antidoor.train
+from _common import device_name, sync, with_cpu_share
 from antidoor.config import DataConfig
 from antidoor.data import Augment, ImageData, load_dataset
 from antidoor.pipeline import Scenario, new_model
@@ -80,22 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
 
 
 def shuffled(data: ImageData, seed: int) -> ImageData:
@@ -241,15 +228,6 @@ def trainer_uses(pipeline: Callable[..., Iterator[tuple[torch.Tensor, torch.Tens
         antidoor.train.batches = original
 
 
-def with_cpu_share(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``fn()`` and the share of the wall time its process spent on the CPU, per torch thread.
-
-    On an otherwise idle CPU this stays near 1 (the loops are compute-bound); well below 1 means
-    other processes took cores away and the timing is not trustworthy.
-    """
-    c0, t0 = time.process_time(), time.perf_counter()
-    out = fn()
-    return out, (time.process_time() - c0) / ((time.perf_counter() - t0) * torch.get_num_threads())
 
 
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
