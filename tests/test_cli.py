@@ -333,3 +333,13 @@ def test_bundled_default_dataset_is_found_by_the_cli(cli_main: object) -> None:
     """Without --data the bundled cifar10-mini is loaded (the bad target is refused only once it is known)."""
     assert load_dataset("cifar10-mini").num_classes == 10
     assert "allowed: 0..9" in cli_main("attack", "--target", "10", "--model", "small_cnn").error_line()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["attack", "--pratio", "abc"], "Invalid value for '--pratio'"),
+    (["no-such-command"], "No such command"),
+    (["purify"], "Missing argument"),
+])
+def test_usage_errors_are_one_line_with_exit_2(run_cli, args, message):
+    line = run_cli(*args).error_line()  # exit 2, no traceback, exactly one error line
+    assert message in line and "--help" in line

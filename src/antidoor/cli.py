@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.table import Table
 
 from antidoor.errors import AntidoorError
+
+try:  # recent typer vendors click; older ones use click itself
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 from antidoor.utils import console, set_quiet
 
 app = typer.Typer(
@@ -200,13 +205,26 @@ def demo(
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app()
-    except AntidoorError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        code = app(standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:  # bare `antidoor` or a group without its command: the help
+        console.print(e.format_message(), highlight=False, markup=False)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click_exceptions.UsageError as e:  # click's own parsing errors, e.g. --pratio abc: one line too
+        where = e.ctx.command_path if e.ctx is not None else "antidoor"
+        _error(f"{e.format_message()} (see `{where} --help`)")
+    except click_exceptions.ClickException as e:  # e.g. an unreadable file given to a click option
+        _error(e.format_message())
+    except AntidoorError as e:
+        _error(str(e))
+    except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
