@@ -1,0 +1,5 @@
+"""Optimiser wrappers (each a ``torch.optim.Optimizer`` around any base optimiser)."""
+
+from antidoor.optim.sam import SAM
+
+__all__ = ["SAM"]
