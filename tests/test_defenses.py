@@ -17,6 +17,16 @@ from antidoor.models import MODELS, build_model, frozen_copy
 # SAU's official lr 1e-4 needs about a thousand steps; the session model's defender set has 80
 # images, so the tests use lr 1e-3 (measured: 5 rounds of batch 40 take asr 0.97 -> 0.08).
 FAST_SAU = {"rounds": 5, "batch_size": 40, "lr": 1e-3}
+# Small settings for the registry-parametrised tests: every defense gets one epoch/round (a few
+# mask steps for ANP) and batch 40 from ``fast_params``; entries here add what a method also needs.
+FAST_EXTRA = {"sau": FAST_SAU, "nad": {"teacher_epochs": 1}, "anp": {"iterations": 20}}
+
+
+def fast_params(name: str) -> dict:
+    """One epoch / round / few iterations and batch 40 for any registered defense, plus FAST_EXTRA."""
+    fields = DEFENSES.get(name).Params.model_fields
+    small = {k: v for k, v in {"epochs": 1, "rounds": 1, "iterations": 5, "batch_size": 40}.items() if k in fields}
+    return {**small, **FAST_EXTRA.get(name, {})}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +59,7 @@ def test_every_defense_purifies_a_copy_and_changes_weights(name, badnets_run, de
     model = badnets_run.result.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = badnets_run.result.scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
-    params = FAST_SAU if name == "sau" else {"epochs": 1, "batch_size": 40}
-    purified = purify(model, data, name, seed=0, **params)
+    purified = purify(model, data, name, seed=0, **fast_params(name))
     assert purified is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "purify changed its input model"
     assert not _same_weights(purified, model)
@@ -150,13 +159,37 @@ def test_sau_bad_parameters_name_the_parameter(params, key):
         validate_defense_spec({"name": "sau", **params})
 
 
+def _bounded_fields() -> list[tuple[str, str, float]]:
+    """(defense, parameter, a value just outside one of its bounds) for every bound of every numeric parameter."""
+    cases = []
+    for name in DEFENSES.names():
+        for field, info in DEFENSES.get(name).Params.model_fields.items():
+            for m in info.metadata:
+                for bound, outside in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
+                    if getattr(m, bound, None) is not None:
+                        cases.append((name, field, getattr(m, bound) + outside))
+    return cases
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_names_an_unknown_parameter(name):
+    with pytest.raises(AntidoorError, match=rf"defense.bogus: unknown key .*\(defense '{name}' takes: "):
+        validate_defense_spec({"name": name, "bogus": 1})
+
+
+@pytest.mark.parametrize(("name", "field", "value"), _bounded_fields())
+def test_every_defense_names_a_bad_parameter_value(name, field, value):
+    with pytest.raises(AntidoorError, match=rf"defense\.{field} = {value!r}: "):
+        validate_defense_spec({"name": name, field: value})
+
+
 def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
     with pytest.raises(AntidoorError, match=rf"batch_size 999 .* {len(defender.x)} clean"):
         purify(badnets_run.result.model, defender, "sau", batch_size=999)
 
 
 def test_unknown_defense_lists_the_available_ones(badnets_run, defender):
-    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: ep, ft, sau"):
+    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, ep, fp, fst, ft, ftsam, ibau, nad, sau"):
         purify(badnets_run.result.model, defender, "nope")
 
 
@@ -221,3 +254,99 @@ def test_frozen_copy_folds_batchnorm_and_computes_the_same_function(name, bundle
     out.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---- method-specific checks of the baseline defenses (small settings, the session's real model) ----
+
+def test_fp_prunes_within_the_validation_budget_and_keeps_channels_pruned(badnets_run, defender):
+    from antidoor.defenses.fp import prune_dormant_channels, val_accuracy
+
+    model = __import__("copy").deepcopy(badnets_run.result.model)
+    base = val_accuracy(model, defender)
+    mask = prune_dormant_channels(model, defender, prune_step=0.05, acc_ratio=0.2)
+    assert 0 < int((mask == 0).sum()) < len(mask)
+    assert val_accuracy(model, defender) >= 0.8 * base
+    purified = purify(badnets_run.result.model, defender, "fp", seed=0, epochs=2, batch_size=40, prune_step=0.05, acc_ratio=0.2)
+    dead = purified.backbone.head.weight[:, mask == 0]
+    assert torch.count_nonzero(dead) == 0, "pruned channels came back during fine-tuning"
+
+
+def test_anp_masks_stay_in_range_and_a_fixed_threshold_prunes_exactly_those(badnets_run, defender):
+    from antidoor.defenses.anp import ANPParams, batchnorm_layers, learn_masks
+
+    model = badnets_run.result.model
+    p = ANPParams(iterations=20, batch_size=40)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = learn_masks(model, defender, p, seed=0)
+    assert set(mask) == set(batchnorm_layers(model))
+    values = torch.cat(list(mask.values()))
+    assert values.min() >= 0 and values.max() <= 1 and values.min() < 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "mask learning touched the model"
+    t = float(values.quantile(0.1)) + 1e-6
+    purified = purify(model, defender, "anp", seed=0, iterations=20, batch_size=40, threshold=t)
+    zeroed = sum(int((bn.weight == 0).sum()) for bn in batchnorm_layers(purified).values())
+    assert zeroed == int((values < t).sum()) > 0
+    for (name, bn), (_, bn0) in zip(batchnorm_layers(purified).items(), batchnorm_layers(model).items(), strict=True):
+        assert torch.equal(bn.running_mean, bn0.running_mean), f"{name}: statistics changed"
+
+
+def test_anp_threshold_grid_must_hold_a_threshold():
+    with pytest.raises(AntidoorError, match=r"defense\.prune_step 0\.5 is larger than defense\.prune_max 0\.3"):
+        validate_defense_spec({"name": "anp", "prune_step": 0.5, "prune_max": 0.3})
+
+
+@pytest.mark.parametrize(("arch", "expected"), [
+    ("small_cnn", ["backbone.features.19", "backbone.features"]),
+    ("preact_resnet18", ["backbone.layer3", "backbone.layer4"]),
+    ("resnet18", ["backbone.layer3", "backbone.layer4"]),
+    ("vgg16_bn", ["backbone.features.32", "backbone.features.42"]),
+])
+def test_nad_attends_to_the_last_two_stages_of_every_architecture(arch, expected):
+    from antidoor.defenses.nad import attention_layers
+    from antidoor.models import MODELS, build_model
+
+    model = build_model(arch, 10, width=4)
+    names = attention_layers(model, torch.zeros(2, 3, 32, 32))  # shapes only
+    assert names == expected
+    assert set(MODELS.names()) == {"small_cnn", "preact_resnet18", "resnet18", "vgg16_bn"}, "add the new model here"
+
+
+def test_nad_attention_loss_is_zero_for_equal_maps_and_scale_free():
+    from antidoor.defenses.nad import attention_loss, attention_map
+
+    a = torch.rand(3, 5, 4, 4)
+    assert attention_loss(a, a.clone(), 2.0).item() == 0
+    assert torch.allclose(attention_map(a, 2.0), attention_map(3 * a, 2.0), atol=1e-6)
+    assert torch.allclose(attention_map(a, 2.0).norm(dim=1), torch.ones(3))
+    assert attention_loss(a, torch.rand(3, 5, 4, 4), 2.0).item() > 0
+
+
+def test_ibau_hypergradient_adds_the_implicit_term(badnets_run, defender):
+    from antidoor.defenses.ibau import IBAUParams, implicit_hypergradient
+
+    model = __import__("copy").deepcopy(badnets_run.result.model).eval()
+    params = list(model.parameters())
+    x, y = defender.x[:20].float().div(255), defender.y[:20]
+    delta = torch.full((1, *x.shape[1:]), 0.3)
+    g = torch.Generator().manual_seed(0)
+    full = implicit_hypergradient(model, params, x, y, delta, IBAUParams(k=5, portion=0.1), g)
+    g = torch.Generator().manual_seed(0)
+    direct_only = implicit_hypergradient(model, params, x, y, delta, IBAUParams(k=1, inner_lr=1e-12, portion=0.1), g)
+    assert all(a.shape == w.shape and torch.isfinite(a).all() for a, w in zip(full, params, strict=True))
+    assert any(not torch.allclose(a, b) for a, b in zip(full, direct_only, strict=True))
+
+
+def test_fst_reinitialises_the_head_and_keeps_its_norm(badnets_run, defender):
+    model = badnets_run.result.model
+    purified = purify(model, defender, "fst", seed=0, epochs=2, batch_size=40)
+    w0, w = model.backbone.head.weight, purified.backbone.head.weight
+    assert torch.allclose(w.norm(), w0.norm(), rtol=1e-4)
+    assert (w * w0).sum() < (w0 * w0).sum() / 2, "the new head should be far from the backdoored one"
+
+
+def test_ftsam_uses_sam_and_is_deterministic(badnets_run, defender):
+    a = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40)
+    b = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40)
+    c = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40, rho=0.0)
+    assert _same_weights(a, b)
+    assert not _same_weights(a, c)

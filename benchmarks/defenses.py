@@ -1,0 +1,135 @@
+"""Every defense against BadNets and Blended on the bundled data: clean_acc, asr, robust_acc, der over seeds.
+
+For each attack and seed, trains one backdoored model with the demo's recipe (``antidoor.demo``'s
+``DEMO_DEFAULTS``: small_cnn width 16, 20 epochs, lr 0.05, batch 128, pratio 0.1, target 0; the
+bundled ``cifar10-mini``: 5,000 training and 1,000 test images), then purifies it with every
+defense in ``SETTINGS`` on the defender's clean data only (5% of the training set: 200 training
+and 50 validation images) and measures the result on the test split. The defense seed is the run
+seed. Writes every run to a JSON file and a markdown table (mean ± std over the seeds; rates in
+percent, der in [0, 1]) with the command that made it.
+
+The settings are scaled down for two CPU cores and 200 clean images (``SETTINGS`` says how; the
+methods' own defaults stay the defaults of the API and the CLI).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/defenses.py \\
+        --out benchmarks/results/defenses_cpu.json --md benchmarks/defenses.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from antidoor.config import AttackRunConfig, build_config
+from antidoor.defenses import DEFENSES, purify
+from antidoor.demo import DEMO_DEFAULTS
+from antidoor.metrics import der
+from antidoor.pipeline import train_attack
+from antidoor.utils import atomic_write_json, atomic_write_text, set_quiet
+
+# Per defense: the parameters used here and, in words, how they differ from the method's defaults.
+SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
+    "ft": ({}, "defaults (10 epochs, lr 0.01)"),
+    "fp": ({"epochs": 20}, "20 fine-tuning epochs (default 100)"),
+    "anp": ({"iterations": 200, "batch_size": 64},
+            "200 mask steps of batch 64 (default 2,000 of 128); threshold chosen on validation accuracy"),
+    "nad": ({}, "defaults (teacher 10 + student 10 epochs)"),
+    "ibau": ({"rounds": 5, "batch_size": 32}, "batch 32 (default 128), so 35 outer steps in 5 rounds"),
+    "ftsam": ({"epochs": 20}, "20 epochs (default 100)"),
+    "fst": ({}, "defaults (10 epochs, alpha 0.1)"),
+    "sau": ({"rounds": 20, "batch_size": 100, "lr": 1e-3}, "the demo's: 20 rounds, batch 100, lr 1e-3 (default 100, 256, 1e-4)"),
+}
+METRICS = ["clean_acc", "asr", "robust_acc", "der"]
+
+
+def run(attacks: list[str], seeds: list[int], defenses: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for attack in attacks:
+        for seed in seeds:
+            base = {k: v for k, v in DEMO_DEFAULTS.items() if k != "defenses"}
+            cfg = build_config(AttackRunConfig, overrides=[f"attack.name={attack}", f"seed={seed}", "device=cpu"], base=base)
+            t0 = time.perf_counter()
+            result = train_attack(cfg)
+            before = result.metrics
+            rows.append({"attack": attack, "seed": seed, "defense": "none", **before, "der": None,
+                         "seconds": round(time.perf_counter() - t0, 1)})
+            print(f"{attack} seed {seed}: backdoored {fmt(before)}", flush=True)
+            data = result.scenario.defender_data()
+            for name in defenses:
+                params = SETTINGS[name][0]
+                t = time.perf_counter()
+                purified = purify(result.model, data, name, seed=seed, **params)
+                seconds = time.perf_counter() - t
+                after = result.scenario.evaluator(purified)
+                after["der"] = der(before, after)
+                rows.append({"attack": attack, "seed": seed, "defense": name, **after, "seconds": round(seconds, 1),
+                             "params": params})
+                print(f"  {name:6s} {fmt(after)}  {seconds:.1f} s", flush=True)
+    return rows
+
+
+def fmt(m: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {m[k]:.3f}" for k in METRICS if m.get(k) is not None)
+
+
+def mean_std(values: list[float], scale: float) -> str:
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}" if scale == 100 else f"{mean:.3f} ± {std:.3f}"
+
+
+def markdown(rows: list[dict[str, Any]], command: str, seeds: list[int], seconds: float) -> str:
+    lines = ["# Baseline defenses on the bundled data", "",
+             "Made by (on this project's 2-core CPU machine, shared with other jobs; "
+             f"{seconds / 60:.1f} min in all):", "", f"    {command}", "",
+             f"Backdoored models: `antidoor.demo` recipe (small_cnn width 16, 20 epochs, lr 0.05, pratio 0.1, "
+             f"target 0) on `cifar10-mini`, seeds {', '.join(map(str, seeds))}. Each defense sees only the "
+             "defender's 200 clean training and 50 validation images; metrics on the 1,000-image test split. "
+             "Rates in percent, der in [0, 1]; mean ± std over the seeds (sample std).", ""]
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        lines += [f"## {attack}", "", "| defense | clean_acc | asr | robust_acc | der | seconds | settings |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for name in dict.fromkeys(r["defense"] for r in rows if r["attack"] == attack):
+            sel = [r for r in rows if r["attack"] == attack and r["defense"] == name]
+            cells = [mean_std([r[k] for r in sel], 100) for k in ("clean_acc", "asr", "robust_acc")]
+            cells.append("-" if name == "none" else mean_std([r["der"] for r in sel], 1))
+            cells.append(f"{statistics.fmean(r['seconds'] for r in sel):.1f}")
+            label = "no defense (backdoored)" if name == "none" else name
+            settings = "training time" if name == "none" else SETTINGS[name][1]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {settings} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--defenses", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/defenses_cpu.json"))
+    parser.add_argument("--md", type=Path, default=Path("benchmarks/defenses.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    set_quiet(True)
+    assert set(SETTINGS) <= set(DEFENSES.names())
+    command = "OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python benchmarks/defenses.py " + " ".join(sys.argv[1:])
+    t0 = time.perf_counter()
+    rows = run(args.attacks, args.seeds, args.defenses)
+    seconds = time.perf_counter() - t0
+    meta = {"command": command, "seconds": round(seconds, 1), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "settings": {k: v[0] for k, v in SETTINGS.items()}}
+    atomic_write_json(args.out, {**meta, "rows": rows})
+    atomic_write_text(args.md, markdown(rows, command, args.seeds, seconds))
+    print(json.dumps({"seconds": round(seconds, 1), "out": str(args.out), "md": str(args.md)}))
+
+
+if __name__ == "__main__":
+    main()
