@@ -17,6 +17,17 @@ from antidoor.models import MODELS, build_model, frozen_copy
 # SAU's official lr 1e-4 needs about a thousand steps; the session model's defender set has 80
 # images, so the tests use lr 1e-3 (measured: 5 rounds of batch 40 take asr 0.97 -> 0.08).
 FAST_SAU = {"rounds": 5, "batch_size": 40, "lr": 1e-3}
+# Small settings for the registry-parametrised tests: every defense gets one epoch/round (a few
+# mask steps for ANP) and batch 40 from ``fast_params``; entries here add what a method also needs.
+TINY_BTI = {"generator_width": 4, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1}
+FAST_EXTRA = {"sau": FAST_SAU, "bti-dbf": TINY_BTI, "pam": TINY_BTI}
+
+
+def fast_params(name: str) -> dict:
+    """One epoch / round / few iterations and batch 40 for any registered defense, plus FAST_EXTRA."""
+    fields = DEFENSES.get(name).Params.model_fields
+    small = {k: v for k, v in {"epochs": 1, "rounds": 1, "iterations": 5, "batch_size": 40}.items() if k in fields}
+    return {**small, **FAST_EXTRA.get(name, {})}
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +60,7 @@ def test_every_defense_purifies_a_copy_and_changes_weights(name, badnets_run, de
     model = badnets_run.result.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = badnets_run.result.scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
-    params = FAST_SAU if name == "sau" else {"epochs": 1, "batch_size": 40}
-    purified = purify(model, data, name, seed=0, **params)
+    purified = purify(model, data, name, seed=0, **fast_params(name))
     assert purified is not model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "purify changed its input model"
     assert not _same_weights(purified, model)
@@ -156,7 +166,7 @@ def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
 
 
 def test_unknown_defense_lists_the_available_ones(badnets_run, defender):
-    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: ep, ft, sau"):
+    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: bti-dbf, ep, ft, ft-pam, pam, sau, sau-pam"):
         purify(badnets_run.result.model, defender, "nope")
 
 
