@@ -19,7 +19,8 @@ from antidoor.models import MODELS, build_model, frozen_copy
 FAST_SAU = {"rounds": 5, "batch_size": 40, "lr": 1e-3}
 # Small settings for the registry-parametrised tests: every defense gets one epoch/round (a few
 # mask steps for ANP) and batch 40 from ``fast_params``; entries here add what a method also needs.
-FAST_EXTRA = {"sau": FAST_SAU, "nad": {"teacher_epochs": 1}, "anp": {"iterations": 20}}
+TINY_BTI = {"generator_width": 4, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1}
+FAST_EXTRA = {"sau": FAST_SAU, "nad": {"teacher_epochs": 1}, "anp": {"iterations": 20}, "bti-dbf": TINY_BTI, "pam": TINY_BTI}
 
 
 def fast_params(name: str) -> dict:
@@ -189,7 +190,8 @@ def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
 
 
 def test_unknown_defense_lists_the_available_ones(badnets_run, defender):
-    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, ep, fp, fst, ft, ftsam, ibau, nad, sau"):
+    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, bti-dbf, ep, fp, fst, ft, ft-pam, ftsam, "
+                                            "ibau, nad, pam, sau, sau-pam"):
         purify(badnets_run.result.model, defender, "nope")
 
 

@@ -43,11 +43,15 @@ Deviations from the official code, and why:
   in between), so the clean batch is never forwarded twice; gradients are taken with respect to
   delta only (``torch.autograd.grad``).
 - Like the official code, x + d is not clipped to [0, 1]: d is a probe of the models, not an image.
+
+Hooks for variants: :meth:`SAU.make_optimizer` builds the unlearning optimiser and :meth:`SAU.unlearn`
+takes step 2; ``sau-pam`` (:mod:`antidoor.defenses.saupam`) overrides both and sets
+``reuse_clean_logits = False``, since its loss is evaluated at other weights than the maximisation's.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,11 +126,13 @@ def shared_adversarial_examples(f: Classifier, f_ref: nn.Module, x: torch.Tensor
     return delta.detach()
 
 
-def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                     delta: torch.Tensor, y0_ref: torch.Tensor, p: SAUParams) -> torch.Tensor:
     """Step 2: lambda_1 CE(clean) + lambda_2 CE(adversarial) + lambda_3 shared unlearning.
 
-    ``logits`` = f(x), computed with autograd before step 1 (f has not changed since) and reused here.
+    ``logits`` = f(x), computed with autograd before step 1 (f has not changed since) and reused here;
+    ``None`` computes it now, in one forward with x + delta (for steps that evaluate the loss at other
+    weights than the maximisation's, as ``sau-pam`` does).
     """
     n = len(x)
     x_adv = x + delta
@@ -134,7 +140,10 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor, x: to
     with torch.no_grad(), amp:
         y_adv_ref = f_ref(x_adv).argmax(1)
     with amp:
-        adv_logits = f(x_adv).float()
+        if logits is None:
+            logits, adv_logits = f(torch.cat([x, x_adv])).float().split(n)
+        else:
+            adv_logits = f(x_adv).float()
     potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
     s = adv_logits.softmax(1).gather(1, y_adv_ref[:, None]).squeeze(1).clamp(1e-3, 0.999)
     loss_shared = (-torch.log1p(-s) * potential).sum() / n
@@ -180,6 +189,22 @@ class SAU(Defense):
     name = "sau"
     Params = SAUParams
     params: SAUParams
+    # the unlearning step reuses f(x) from before the maximisation (f has not changed in between);
+    # a subclass that evaluates the loss at other weights sets this to False
+    reuse_clean_logits: ClassVar[bool] = True
+
+    def make_optimizer(self, f: Classifier) -> torch.optim.Optimizer:
+        """The unlearning optimiser (built before any update, so f's weights are the backdoored ones)."""
+        p = self.params
+        return torch.optim.Adam(f.parameters(), lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
+
+    def unlearn(self, optimizer: torch.optim.Optimizer, f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None,
+                x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, y0_ref: torch.Tensor) -> None:
+        """Step 2: one optimiser step on the unlearning loss."""
+        loss = unlearning_loss(f, f_ref, logits, x, y, delta, y0_ref, self.params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
@@ -187,7 +212,7 @@ class SAU(Defense):
         f = prepare_model(model, data.device)
         f_ref = prepare_model(frozen_copy(f), data.device)
         f.eval()  # BN statistics frozen in both models; f's BN affine parameters still train
-        optimizer = torch.optim.Adam(f.parameters(), lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
+        optimizer = self.make_optimizer(f)
         g = generator_for(data.device, self.seed)
         augment = Augment(hflip=data.hflip) if p.augment else None
         # f_ref is frozen and, without augmentation, every image is the same in every round:
@@ -195,22 +220,23 @@ class SAU(Defense):
         y0_ref_all = None if augment else predictions(f_ref, data.x, p.batch_size, p.amp)
         amp = autocast(data.device, p.amp)
         n_batches = -(-len(data.x) // p.batch_size)
-        with progress_bar(p.rounds * n_batches, "SAU") as advance:
+        with progress_bar(p.rounds * n_batches, self.name.upper()) as advance:
             for r in range(p.rounds):
                 for x, y, idx in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
-                    with amp:
-                        logits = f(x).float()  # kept with its graph for the unlearning step's clean loss
-                    y0 = logits.detach().argmax(1)
+                    if self.reuse_clean_logits:
+                        with amp:
+                            logits = f(x).float()  # kept with its graph for the unlearning step's clean loss
+                        y0 = logits.detach().argmax(1)
+                    else:
+                        with torch.no_grad(), amp:
+                            logits, y0 = None, f(x).argmax(1)
                     if y0_ref_all is not None:
                         y0_ref = y0_ref_all[idx]
                     else:
                         with torch.no_grad(), amp:
                             y0_ref = f_ref(x).argmax(1)
                     delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, p, g)
-                    loss = unlearning_loss(f, f_ref, logits, x, y, delta, y0_ref, p)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    self.unlearn(optimizer, f, f_ref, logits, x, y, delta, y0_ref)
                     advance(1, round=r + 1)
                 self.report(r + 1, f)
         return f

@@ -1,0 +1,151 @@
+"""BTI-DBF(U), PAM (the official recipe), FT-PAM and SAU-PAM on the session's real BadNets model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from antidoor.defenses import DefenderData, purify
+from antidoor.defenses.base import validate_defense_spec
+from antidoor.defenses.btidbf import BTIDBF, BTIDBFParams, UNetGenerator, n_generated, pretrain_generator
+from antidoor.errors import AntidoorError
+
+# tiny: a width-4 U-Net, one epoch of every phase, one round, batch 40 (the defender set has 80 images)
+TINY = {"rounds": 1, "batch_size": 40, "generator_width": 4, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1,
+        "epochs": 1}
+# pam's recipe written out for bti-dbf: the same run except for the PAM wrapper
+PAM_AS_BTI = {**TINY, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "feature_weight": 0.0}
+NEW = {"bti-dbf": TINY, "pam": TINY, "ft-pam": {"epochs": 1, "batch_size": 40},
+       "sau-pam": {"rounds": 1, "batch_size": 40, "lr": 1e-3}}
+
+
+@pytest.fixture(scope="module")
+def defender(badnets_run) -> DefenderData:
+    return badnets_run.result.scenario.defender_data()
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", list(NEW))
+def test_new_defense_returns_a_different_model_and_leaves_its_input_unchanged(name, badnets_run, defender):
+    model = badnets_run.result.model
+    before = _state(model)
+    purified = purify(model, defender, name, seed=0, **NEW[name])
+    assert purified is not model and not purified.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not _same(purified, model)
+
+
+def test_ft_pam_with_rho_zero_is_ft_step_for_step(badnets_run, defender):
+    params = {"epochs": 2, "batch_size": 40}
+    ft = purify(badnets_run.result.model, defender, "ft", seed=1, **params)
+    assert _same(purify(badnets_run.result.model, defender, "ft-pam", seed=1, rho=0.0, **params), ft)
+    assert not _same(purify(badnets_run.result.model, defender, "ft-pam", seed=1, rho=0.5, **params), ft)
+
+
+def test_pam_with_rho_zero_is_bti_dbf_with_the_same_optimiser(badnets_run, defender):
+    params = {**PAM_AS_BTI, "rounds": 2}  # round 2 also checks the detected target and the anchor across rounds
+    bti = purify(badnets_run.result.model, defender, "bti-dbf", seed=2, **params)
+    assert _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, **params), bti)
+    assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.5, **params), bti)
+
+
+def test_sau_pam_with_rho_zero_matches_sau(badnets_run, defender):
+    # equal up to float rounding only: SAU reuses f(x) from before the maximisation, SAU-PAM recomputes
+    # it at the (here unmoved) weights in one forward with x + delta
+    params = {"rounds": 2, "batch_size": 40, "lr": 1e-3}
+    sau = purify(badnets_run.result.model, defender, "sau", seed=3, **params)
+    sau_pam = purify(badnets_run.result.model, defender, "sau-pam", seed=3, rho=0.0, **params)
+    for (k, a), b in zip(sau.state_dict().items(), sau_pam.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    moved = purify(badnets_run.result.model, defender, "sau-pam", seed=3, rho=0.5, **params)
+    assert max((a - b).abs().max().item() for a, b in zip(sau.parameters(), moved.parameters(), strict=True)) > 1e-4
+
+
+def test_sau_pam_lowers_asr_on_real_images(badnets_run, defender):
+    before = badnets_run.result.metrics
+    after = badnets_run.result.scenario.evaluator(purify(badnets_run.result.model, defender, "sau-pam", seed=0, rounds=5,
+                                                         batch_size=40, lr=1e-3))
+    assert before["asr"] > 0.85
+    assert after["asr"] < before["asr"] - 0.4, after
+
+
+def test_generator_outputs_images_and_pretraining_teaches_it_to_keep_what_the_model_sees(badnets_run, defender):
+    torch.manual_seed(0)
+    gen = UNetGenerator(3, width=8)
+    x = defender.x.float().div(255)
+    out = gen(x)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert gen(x[:4, :, :28, :30]).shape == (4, 3, 28, 30)  # any image size
+    model = copy.deepcopy(badnets_run.result.model).eval().requires_grad_(False)
+
+    def feature_mse_and_agreement() -> tuple[float, float]:
+        with torch.no_grad():
+            gx = gen(x)
+            return (F.mse_loss(model.features(gx), model.features(x)).item(),
+                    (model(gx).argmax(1) == model(x).argmax(1)).float().mean().item())
+
+    mse_before, agree_before = feature_mse_and_agreement()
+    pretrain_generator(gen, model, defender, BTIDBFParams(pretrain_epochs=5, batch_size=40, augment=False),
+                       torch.Generator().manual_seed(0))
+    mse_after, agree_after = feature_mse_and_agreement()
+    # measured: feature MSE 0.55 -> 0.21, agreement 0.15 -> 0.63 on the demo-size model's defender data
+    assert mse_after < mse_before / 1.5
+    assert agree_after > agree_before + 0.2
+    with torch.no_grad():
+        assert F.mse_loss(gen(x), x).item() < 0.1  # the pixel term's switch point
+
+
+def test_unlearning_batch_replaces_a_share_by_generated_images_and_keeps_the_true_labels(badnets_run, defender):
+    torch.manual_seed(0)
+    gen = UNetGenerator(3, width=4).eval()
+    defense = BTIDBF(feature_weight=0.0, generated_ratio=0.25)
+    model = copy.deepcopy(badnets_run.result.model).eval()
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    x, y = defender.x[:40].float().div(255), defender.y[:40]
+    loss = defense._unlearning_loss(gen)(model, x, y)
+    k = n_generated(40, 0.25)
+    assert k == 10
+    (mixed,) = seen
+    with torch.no_grad():
+        torch.testing.assert_close(mixed[:k], gen(x[:k]))
+        assert torch.equal(mixed[k:], x[k:])
+        assert 0 <= mixed.min() and mixed.max() <= 1
+        torch.testing.assert_close(loss, F.cross_entropy(model(mixed), y))  # the true labels, not the target's
+
+
+@pytest.mark.parametrize(("name", "params", "key"), [
+    ("bti-dbf", {"generated_ratio": 1.5}, "defense.generated_ratio"),
+    ("bti-dbf", {"generator_width": 0}, "defense.generator_width"),
+    ("bti-dbf", {"mask_epochs": 0}, "defense.mask_epochs"),
+    ("pam", {"rho": -0.5}, "defense.rho"),
+    ("pam", {"momentum": 1.0}, "defense.momentum"),
+    ("ft-pam", {"rho_mode": "sideways"}, "defense.rho_mode"),
+    ("ft-pam", {"bogus": 1}, "defense.bogus: unknown"),
+    ("sau-pam", {"rho": -1}, "defense.rho"),
+    ("sau-pam", {"bound": 0}, "defense.bound"),
+])
+def test_bad_parameters_name_the_parameter(name, params, key):
+    with pytest.raises(AntidoorError, match=key):
+        validate_defense_spec({"name": name, **params})
+
+
+def test_pam_defaults_are_the_official_recipe_with_momentum_09():
+    spec = validate_defense_spec({"name": "pam"})
+    assert {k: spec[k] for k in ("rho", "lr", "batch_size", "epochs", "rounds", "momentum", "optimizer", "feature_weight",
+                                  "generated_ratio")} == {"rho": 0.5, "lr": 0.01, "batch_size": 128, "epochs": 30, "rounds": 3,
+                                                          "momentum": 0.9, "optimizer": "sgd", "feature_weight": 0.0,
+                                                          "generated_ratio": 0.2}
+    bti = validate_defense_spec({"name": "bti-dbf"})
+    assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"]) == ("adam", 1e-4, 5, 32)
