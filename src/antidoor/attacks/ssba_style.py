@@ -37,7 +37,7 @@ from antidoor.utils import generator_for, progress_bar
 class SSBAStyleParams(AttackParams):
     bits: int = Field(32, ge=1, description="length of the hidden secret")
     max_residual: float = Field(12.0, gt=0, le=255, description="L-inf bound of the encoder's residual, 0-255 scale")
-    encoder_width: int = Field(16, ge=1, description="channels of the encoder and decoder")
+    encoder_width: int = Field(8, ge=1, description="channels of the encoder and decoder")
     encoder_epochs: int = Field(10, ge=1, description="epochs the encoder-decoder pair trains on the attacker's data")
     encoder_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the encoder and decoder")
     lambda_image: float = Field(10.0, ge=0, description="weight of the mean squared residual in the encoder's loss")
