@@ -96,13 +96,14 @@ class InputAware(Attack):
 
     def poison_batch(self, x: torch.Tensor, y: torch.Tensor, poison: torch.Tensor,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = x
         x, y = super().poison_batch(x, y, poison, generator)
         n_cross = min(round(self.params.cross_ratio * int(poison.sum())), int((~poison).sum()))
-        if n_cross > 0:
+        if n_cross > 0 and len(x) > 1:
             others = (~poison).nonzero().flatten()
             pick = others[torch.randperm(len(others), device=x.device, generator=generator)[:n_cross]]
-            # each picked sample gets the trigger of another picked sample (a cyclic shift)
-            pattern, mask = self.pattern_and_mask(x[pick.roll(1)])
+            # each picked sample gets the trigger made for the next (clean) image of the batch
+            pattern, mask = self.pattern_and_mask(clean[(pick + 1) % len(x)])
             x[pick] = quantize(x[pick] + (pattern - x[pick]) * mask)
         return x, y
 
