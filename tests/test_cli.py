@@ -119,6 +119,21 @@ def test_evaluate_under_another_attack(run_cli: object, mini_run: Path, workdir:
     assert written["attack"]["name"] == attack and written["metrics"] == metrics
 
 
+def test_fitted_trigger_is_reused_by_evaluate_without_refitting(run_cli: object, mini_npz: Path, workdir: Path) -> None:
+    """An attack that fits its trigger (LF) fits it once in `attack`; `evaluate` rebuilds it from the checkpoint."""
+    out = workdir / "lf"
+    fit = ["--set", "attack.surrogate_width=4", "--set", "attack.surrogate_epochs=1", "--set", "attack.steps=5"]
+    res = run_cli("attack", "--data", mini_npz, "--attack", "lf", *fit, *TINY[:-1], "--out", out, cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert "fitting the lf trigger" in res.stderr
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["attack"]["name"] == "lf" and "surrogate_fooling_rate" in meta["attack_fit"]
+    again = run_cli("evaluate", out / "model.safetensors", "--device", "cpu", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "fitting" not in again.stderr and "not been fitted" not in again.stderr
+    assert json_line(again.stdout) == json_line(res.stdout)
+
+
 def test_clean_reference_with_attack_none(cli_main: object, mini_npz: Path, tmp_path: Path) -> None:
     """`--attack none` alone trains the clean reference (its pratio defaults to 0)."""
     res = cli_main("attack", "--attack", "none", "--data", mini_npz, *TINY, "--out", tmp_path)
@@ -221,6 +236,8 @@ def test_help_lists_the_commands(run_cli: object) -> None:
     (["--model", "nope"], "unknown model 'nope'; available:"),
     (["--set", "train.nope=1"], "train.nope: unknown key"),
     (["--set", "attack.pratio"], "--set 'attack.pratio': expected key=value"),
+    (["--set", "attack.name=lc", "--set", "attack.eps=0"], "attack.eps = 0"),
+    (["--set", "attack.name=trojannn", "--set", "attack.surrogate_model=vit"], "attack.surrogate_model 'vit' is not a model"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ])
 def test_attack_bad_input(run_cli: object, workdir: Path, args: list[str], expected: str) -> None:
