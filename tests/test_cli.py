@@ -13,12 +13,15 @@ import pytest
 import torch
 import yaml
 
+from antidoor.attacks import ATTACKS
 from antidoor.checkpoint import load_checkpoint
 from antidoor.cli import app, main
 from antidoor.data import ImageData, load_dataset
 from antidoor.models import build_model
 from antidoor.utils import set_quiet
 from conftest import CliResult
+
+ATTACK_NAMES = ", ".join(ATTACKS.names())  # every registered attack, as errors list them
 
 TINY = ["--model", "small_cnn", "--width", "8", "--epochs", "1", "--device", "cpu", "--quiet"]
 
@@ -114,6 +117,21 @@ def test_evaluate_under_another_attack(run_cli: object, mini_run: Path, workdir:
     assert set(metrics) == ({"clean_acc"} if attack == "none" else {"clean_acc", "asr", "robust_acc"})
     written = json.loads((out / "model.metrics.json").read_text())
     assert written["attack"]["name"] == attack and written["metrics"] == metrics
+
+
+def test_fitted_trigger_is_reused_by_evaluate_without_refitting(run_cli: object, mini_npz: Path, workdir: Path) -> None:
+    """An attack that fits its trigger (LF) fits it once in `attack`; `evaluate` rebuilds it from the checkpoint."""
+    out = workdir / "lf"
+    fit = ["--set", "attack.surrogate_width=4", "--set", "attack.surrogate_epochs=1", "--set", "attack.steps=5"]
+    res = run_cli("attack", "--data", mini_npz, "--attack", "lf", *fit, *TINY[:-1], "--out", out, cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert "fitting the lf trigger" in res.stderr
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["attack"]["name"] == "lf" and "surrogate_fooling_rate" in meta["attack_fit"]
+    again = run_cli("evaluate", out / "model.safetensors", "--device", "cpu", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "fitting" not in again.stderr and "not been fitted" not in again.stderr
+    assert json_line(again.stdout) == json_line(res.stdout)
 
 
 def test_clean_reference_with_attack_none(cli_main: object, mini_npz: Path, tmp_path: Path) -> None:
@@ -212,12 +230,14 @@ def test_help_lists_the_commands(run_cli: object) -> None:
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--set", "attack.name=nope"], "unknown attack 'nope'; available: badnets, blended, none, sig, wanet"),
+    (["--set", "attack.name=nope"], f"unknown attack 'nope'; available: {ATTACK_NAMES}"),
     (["--pratio", "1.5"], "attack.pratio = 1.5"),
     (["--target", "12"], "attack.target 12 is not a class; allowed: 0..9"),
     (["--model", "nope"], "unknown model 'nope'; available:"),
     (["--set", "train.nope=1"], "train.nope: unknown key"),
     (["--set", "attack.pratio"], "--set 'attack.pratio': expected key=value"),
+    (["--set", "attack.name=lc", "--set", "attack.eps=0"], "attack.eps = 0"),
+    (["--set", "attack.name=trojannn", "--set", "attack.surrogate_model=vit"], "attack.surrogate_model 'vit' is not a model"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ])
 def test_attack_bad_input(run_cli: object, workdir: Path, args: list[str], expected: str) -> None:
@@ -229,7 +249,7 @@ def test_attack_bad_input(run_cli: object, workdir: Path, args: list[str], expec
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--attack", "nope"], "unknown attack 'nope'; available: badnets, blended, none, sig, wanet"),
+    (["--attack", "nope"], f"unknown attack 'nope'; available: {ATTACK_NAMES}"),
     (["--pratio", "-0.1"], "attack.pratio = -0.1"),
     (["--set", "nope=1"], "nope: unknown key"),
     (["--set", "attack.alpha=0.5"], "attack.alpha: unknown key"),

@@ -9,11 +9,14 @@ import pytest
 import torch
 import yaml
 
+from antidoor.attacks import ATTACKS
 from antidoor.config import AttackRunConfig, DataConfig, EvaluateConfig, ModelConfig, build_config, parse_override, read_yaml
 from antidoor.data import ImageData
 from antidoor.errors import AntidoorError
 from antidoor.pipeline import Scenario, new_model, train_attack
 from antidoor.train import TrainConfig
+
+ATTACK_NAMES = ", ".join(ATTACKS.names())  # every registered attack, as errors list them
 
 
 def write_yaml(path: Path, obj: object) -> Path:
@@ -57,7 +60,7 @@ def test_base_is_below_the_file(tmp_path: Path) -> None:
     (["colour=red"], "colour: unknown key"),
     (["data.nmae=x"], "data.nmae: unknown key"),
     (["attack.alpha=0.1"], r"attack.alpha: unknown key \(attack 'badnets' takes: target, pratio, stage, patch_size"),
-    (["attack.name=nope"], "unknown attack 'nope'; available: badnets, blended, none, sig, wanet"),
+    (["attack.name=nope"], f"unknown attack 'nope'; available: {ATTACK_NAMES}"),
     (["model.name=nope"], "unknown model 'nope'; available: .*small_cnn"),
     (["attack.pratio=1.5"], "attack.pratio = 1.5"),
     (["train.epochs=0"], "train.epochs = 0"),

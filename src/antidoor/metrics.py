@@ -14,6 +14,7 @@ from torch import nn
 from antidoor.attacks.base import Attack, NoAttack
 from antidoor.errors import AntidoorError
 from antidoor.train import autocast
+from antidoor.utils import warn
 
 
 @torch.no_grad()
@@ -43,6 +44,8 @@ class Evaluator:
         self.attack = None if attack is None or isinstance(attack, NoAttack) else attack
         self.batch_size = batch_size
         if self.attack is not None:
+            if not self.attack.prepared:
+                warn(f"attack {self.attack.name!r} has not been fitted (Attack.prepare); measuring its initial, unfitted trigger")
             keep = y_test != self.attack.target
             if not keep.any():
                 raise AntidoorError(f"every test image belongs to the target class {self.attack.target}, "

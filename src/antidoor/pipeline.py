@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from antidoor.attacks.base import Attack, create_attack
+from antidoor.attacks.base import Attack, AttackerData, create_attack
 from antidoor.checkpoint import Checkpoint
 from antidoor.config import AttackRunConfig, DataConfig
 from antidoor.data import ImageData, Splits, load_dataset, make_splits
@@ -81,24 +81,46 @@ class Scenario:
     def device(self) -> torch.device:
         return self.data.x_train.device
 
+    def attacker_data(self) -> AttackerData:
+        """The training set the attacker poisons, which attacks that fit their trigger may use."""
+        d = self.data
+        return AttackerData(d.x_train, d.y_train, self.splits.poison.to(self.device), d.num_classes, d.mean, d.std, d.hflip)
+
+    def prepare_attack(self) -> Attack:
+        """Fit the trigger once, if the attack has one to fit (LC, LF, TrojanNN, Input-aware, SSBA-style)."""
+        if not self.attack.prepared:
+            info(f"fitting the {self.attack.name} trigger on the attacker's {len(self.data.x_train)} training images")
+            self.attack.prepare(self.attacker_data())
+        return self.attack
+
     def poison_hooks(self) -> dict[str, BatchHook | None]:
         """The ``before_augment``/``after_augment`` hooks that poison batches by training index."""
         if len(self.splits.poison) == 0:
             return {"before_augment": None, "after_augment": None}
         mask = torch.zeros(len(self.data.x_train), dtype=torch.bool, device=self.device)
         mask[self.splits.poison.to(self.device)] = True
-        attack = self.attack
+        attack = self.prepare_attack()
 
         def hook(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
             return attack.poison_batch(x, y, mask[idx], g)
 
-        stage = attack.params.stage
-        return {"before_augment": hook if stage == "before_augment" else None,
-                "after_augment": hook if stage == "after_augment" else None}
+        def swap_then_hook(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                           g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return hook(attack.replace_sources(x, idx), y, idx, g)
+
+        def swap(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            return attack.replace_sources(x, idx), y
+
+        # the attacker's own versions of its images (LC) are part of the image: swapped in before augmentation
+        replaces = type(attack).replace_sources is not Attack.replace_sources
+        if attack.params.stage == "before_augment":
+            return {"before_augment": swap_then_hook if replaces else hook, "after_augment": None}
+        return {"before_augment": swap if replaces else None, "after_augment": hook}
 
     @property
     def evaluator(self) -> Evaluator:
         if self._evaluator is None:
+            self.prepare_attack()
             self._evaluator = Evaluator(self.data.x_test, self.data.y_test, self.attack)
         return self._evaluator
 
@@ -108,7 +130,7 @@ class Scenario:
         poisoned_x = poisoned_y = None
         if oracle and len(s.poison):
             idx = s.poison.to(self.device)
-            x = d.x_train[idx].float().div_(255)
+            x = self.prepare_attack().replace_sources(d.x_train[idx].float().div_(255), idx)
             poisoned_x = self.attack.apply(x).mul_(255).round_().to(torch.uint8)
             poisoned_y = d.y_train[idx]
         dev = self.device
@@ -129,6 +151,7 @@ class AttackResult:
     history: list[dict[str, float]]
     scenario: Scenario
     seconds: float
+    prepare_seconds: float = 0.0  # fitting the trigger (attacks with needs_prepare), before training
 
 
 def new_model(scenario: Scenario, name: str, width: int) -> Classifier:
@@ -139,23 +162,28 @@ def new_model(scenario: Scenario, name: str, width: int) -> Classifier:
 def train_attack(cfg: AttackRunConfig, scenario: Scenario | None = None, description: str | None = None) -> AttackResult:
     """Train a model on the (poisoned) training set and measure it on the test split."""
     scenario = scenario or Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
-    seed_everything(cfg.seed)
-    model = new_model(scenario, cfg.model.name, cfg.model.width)
     label = description or (f"{cfg.attack['name']} (pratio {cfg.attack['pratio']})" if cfg.attack["pratio"] else "clean")
     info(f"training {cfg.model.name} (width {cfg.model.width}) on {scenario.data.name}: {label}, "
          f"{len(scenario.splits.poison)} poisoned of {len(scenario.data.x_train)}, {cfg.train.epochs} epochs, {scenario.device}")
+    t0 = time.perf_counter()
+    scenario.prepare_attack()
+    prepare_seconds = time.perf_counter() - t0
+    seed_everything(cfg.seed)  # the model's initial weights do not depend on whether a trigger was fitted
+    model = new_model(scenario, cfg.model.name, cfg.model.width)
     t0 = time.perf_counter()
     history = train(model, scenario.data.x_train, scenario.data.y_train, cfg.train, seed=cfg.seed,
                     hflip=scenario.data.hflip, description=label, **scenario.poison_hooks())
     seconds = time.perf_counter() - t0
     metrics = scenario.evaluator(model)
-    return AttackResult(model, metrics, history, scenario, seconds)
+    return AttackResult(model, metrics, history, scenario, seconds, prepare_seconds)
 
 
 def run_meta(cfg: AttackRunConfig, result: AttackResult) -> dict[str, Any]:
     """What the checkpoint sidecar records about an attack run."""
     return {"classes": result.scenario.data.classes, "dataset": result.scenario.describe(), "seed": cfg.seed,
-            "config": cfg.model_dump(), "metrics": result.metrics, "train_seconds": round(result.seconds, 2)}
+            "config": cfg.model_dump(), "metrics": result.metrics, "train_seconds": round(result.seconds, 2),
+            **({"attack_fit": {**result.scenario.attack.fit_report, "seconds": round(result.prepare_seconds, 2)}}
+               if result.scenario.attack.needs_prepare else {})}
 
 
 __all__ = ["AttackResult", "Scenario", "TrainConfig", "new_model", "run_meta", "train_attack"]

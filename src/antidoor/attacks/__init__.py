@@ -1,6 +1,16 @@
 """Attack registry: one file per poisoning attack."""
 
-from antidoor.attacks import badnets, blended, sig, wanet  # noqa: F401  (registration)
-from antidoor.attacks.base import ATTACKS, Attack, AttackParams, create_attack
+from antidoor.attacks import (  # noqa: F401  (registration)
+    badnets,
+    blended,
+    input_aware,
+    lc,
+    lf,
+    sig,
+    ssba_style,
+    trojannn,
+    wanet,
+)
+from antidoor.attacks.base import ATTACKS, Attack, AttackerData, AttackParams, create_attack
 
-__all__ = ["ATTACKS", "Attack", "AttackParams", "create_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackParams", "AttackerData", "create_attack"]

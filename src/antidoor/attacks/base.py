@@ -3,10 +3,20 @@
 An attack is built for one image shape and class count. Its random parts (a blend pattern, a
 warp field) are drawn once from ``seed`` and kept in ``tensors``, which the checkpoint stores, so
 the same trigger is used at evaluation time and by later stress tests.
+
+Some attacks fit their trigger on data before poisoning (``needs_prepare``): a universal
+perturbation against a surrogate model (LF), neurons to excite (TrojanNN), a trigger generator
+trained with a classifier (Input-aware), a steganographic encoder (SSBA-style), adversarial
+versions of the poisoned images (LC). ``build`` draws their initial tensors from the seed;
+:meth:`Attack.prepare` fits them once on the attacker's training data (``pipeline.train_attack``
+does this before training) and replaces them with fitted tensors of the same shapes (an attack may
+add keys, such as LC's replaced images). A checkpoint stores the fitted tensors, so
+``create_attack(spec, tensors=...)`` rebuilds the fitted trigger without fitting again.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -14,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from antidoor.errors import AntidoorError, validate_params
 from antidoor.registry import Registry
+from antidoor.utils import info
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
@@ -35,15 +46,38 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).round_().div_(255)
 
 
+@dataclass
+class AttackerData:
+    """What an attack may fit its trigger on: the training set it poisons (never the test split).
+
+    ``x`` are uint8 images (N, C, H, W) on the device, ``poison`` the sorted indices into ``x``
+    that will be poisoned; ``mean``/``std`` normalise surrogate models like the victim's.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    poison: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
 class Attack:
     """Base class. Subclasses set ``name``, ``Params`` and implement :meth:`stamp`.
 
     ``apply(x)`` stamps the trigger on a float batch in [0, 1] (B, C, H, W) and returns a new
     tensor; ``poison_batch`` turns the poisoned members of a training batch into backdoor samples.
+    Attacks with ``needs_prepare`` also implement :meth:`fit` (see the module docstring).
     """
 
     name: ClassVar[str]
     clean_label: ClassVar[bool] = False  # poisons only target-class images, labels unchanged
+    needs_prepare: ClassVar[bool] = False  # the trigger is fitted on data by prepare() before use
     Params: ClassVar[type[AttackParams]] = AttackParams
 
     def __init__(self, params: AttackParams, image_shape: tuple[int, int, int], num_classes: int,
@@ -54,6 +88,9 @@ class Attack:
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.seed = seed
+        # given tensors come from a checkpoint: already fitted
+        self.prepared = tensors is not None or not self.needs_prepare
+        self.fit_report: dict[str, float] = {}
         self.tensors = tensors if tensors is not None else self.build(torch.Generator().manual_seed(seed))
         expected = self.build(torch.Generator().manual_seed(seed)) if tensors is not None else self.tensors
         for key, t in expected.items():
@@ -72,6 +109,41 @@ class Attack:
     def build(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Draw the trigger's fixed tensors (on the CPU). Default: none."""
         return {}
+
+    def prepare(self, data: AttackerData) -> Attack:
+        """Fit the trigger on the attacker's data, once (a no-op when prepared or nothing to fit).
+
+        Deterministic by ``seed`` (the global RNG is forked, so callers' random state is untouched).
+        The fitted tensors keep the built shapes, so checkpoints and ``create_attack`` stay valid.
+        """
+        if self.prepared:
+            return self
+        if tuple(data.x.shape[1:]) != self.image_shape:
+            raise AntidoorError(f"attack {self.name!r} was built for images {self.image_shape}, "
+                                f"the attacker's data has {tuple(data.x.shape[1:])}")
+        devices = [data.device] if data.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            fitted = self.fit(data)
+        for key, t in fitted.items():
+            if key in self.tensors and self.tensors[key].shape != t.shape:
+                raise RuntimeError(f"attack {self.name!r}: fit changed the shape of {key!r}")  # a bug, not bad input
+        self.tensors = {**self.tensors, **{k: v.detach().to(data.device) for k, v in fitted.items()}}
+        self.prepared = True
+        if self.fit_report:
+            info(f"{self.name}: trigger fitted (" + ", ".join(f"{k} {v:.4g}" for k, v in self.fit_report.items()) + ")")
+        return self
+
+    def fit(self, data: AttackerData) -> dict[str, torch.Tensor]:
+        """Fitted trigger tensors (attacks with ``needs_prepare`` implement this); may fill ``fit_report``."""
+        raise NotImplementedError
+
+    def replace_sources(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The attacker's own versions of training images ``idx`` (before any trigger or augmentation).
+
+        Default: unchanged. LC swaps in adversarially perturbed versions of the poisoned images.
+        """
+        return x
 
     def to(self, device: torch.device) -> Attack:
         self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
