@@ -200,7 +200,8 @@ def demo(
 
 @app.command()
 def stress(
-    purified: list[Path] = typer.Argument(..., help="one or more purified checkpoints (.safetensors with .json sidecar)"),
+    purified: list[str] = typer.Argument(..., help="one or more purified checkpoints (.safetensors with .json sidecar); "
+                                              "NAME=PATH names one (default: its defense's name)"),
     backdoored: Path = typer.Option(None, "--backdoored", "-b", help="the backdoored checkpoint the purified models came from"),
     clean_ref: Path = typer.Option(None, "--clean-ref", help="clean reference checkpoint (same data and recipe, no poison)"),
     ep: Path = typer.Option(None, "--ep", help="an EP checkpoint (default: purified here from --backdoored when its "
@@ -235,13 +236,17 @@ def stress(
     if bd.attack is None or bd.attack.name == "none":
         raise AntidoorError(f"the backdoored checkpoint {str(backdoored)!r} records no attack, so asr cannot be measured")
     spec = {k: v for k, v in bd.attack.spec().items() if k != "pratio"}
-    models = {}
-    for path in purified:
+    models, paths = {}, []
+    for arg in purified:
+        label, path = None, Path(arg)
+        if "=" in arg and not path.exists():
+            label, path = arg.split("=", 1)[0], Path(arg.split("=", 1)[1])
+        paths.append(path)
         ckpt = load_checkpoint(path)
         if ckpt.attack is not None and {k: v for k, v in ckpt.attack.spec().items() if k != "pratio"} != spec:
             raise AntidoorError(f"{str(path)!r} records attack {ckpt.attack.spec()}, "
                                 f"but the backdoored model has {bd.attack.spec()}")
-        name = str((ckpt.meta.get("defense") or {}).get("name") or path.stem)
+        name = label or str((ckpt.meta.get("defense") or {}).get("name") or path.stem)
         while name in models or name in ("backdoored", "clean", "ep"):
             name += "'"
         models[name] = ckpt.model
@@ -253,7 +258,7 @@ def stress(
 
         warn("no --clean-ref: RA has no clean reference and QRA drops its clean-model term")
     result = run_stress(models, bd.model, clean, scenario, cfg, ep=ep_model, seed=cfg.seed)
-    result.meta.update({"backdoored": str(backdoored), "purified": [str(p) for p in purified],
+    result.meta.update({"backdoored": str(backdoored), "purified": {n: str(p) for n, p in zip(models, paths, strict=True)},
                         "clean_ref": str(clean_ref) if clean_ref else None, "ep": str(ep) if ep else "auto" if cfg.ep else None})
     result.seconds = round(time.perf_counter() - t0, 1)  # the whole command, loading included
     written = write_report(result, out)

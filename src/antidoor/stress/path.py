@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from antidoor.defenses.base import DefenderData
 from antidoor.errors import AntidoorError
 from antidoor.metrics import Evaluator
 from antidoor.train import autocast
@@ -113,11 +114,12 @@ def reestimate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 512,
     model.train(was_training)
 
 
-def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torch.Tensor, evaluator: Evaluator,
+def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torch.Tensor | DefenderData, evaluator: Evaluator,
                   points: int = 21, bn: BNMode = "reestimate", batch_size: int = 512) -> PathResult:
     """clean_acc and asr at ``points`` evenly spaced models between ``purified`` (t = 0) and ``backdoored`` (t = 1).
 
-    ``clean_images``: the defender's clean images (uint8 N x C x H x W) for the BatchNorm re-estimation.
+    ``clean_images``: the defender's clean images (uint8 N x C x H x W) for the BatchNorm
+    re-estimation, or their :class:`DefenderData` (its training and validation images are used).
 
     >>> path = backdoor_path(purified, backdoored, defender.x, scenario.evaluator)
     >>> path.asr[0], path.asr[-1]
@@ -130,6 +132,8 @@ def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torc
         raise AntidoorError("the backdoor-connected path needs an evaluator with an attack "
                             "(asr cannot be measured without a trigger)")
     check_same_architecture(purified, backdoored)
+    if isinstance(clean_images, DefenderData):
+        clean_images = torch.cat([clean_images.x, clean_images.x_val])
     device = clean_images.device
     if bn == "reestimate" and len(clean_images) == 0:
         raise AntidoorError("BatchNorm re-estimation needs the defender's clean images, got none")
