@@ -39,6 +39,7 @@ class StressConfig(BaseModel):
     path: PathConfig | None = PathConfig()
     ep: bool = Field(True, description="also stress EP (oracle; purified from the backdoored model) when its poisoned "
                                        "samples are recorded and no EP model is given")
+    ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
 
 
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
@@ -132,7 +133,7 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     if ep is None and cfg.ep:
         if len(scenario.splits.poison):
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
-            ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed)
+            ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed, **cfg.ep_params)
         else:
             info("no EP reference: the scenario records no poisoned samples")
     ev = scenario.evaluator
