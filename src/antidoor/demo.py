@@ -47,7 +47,7 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
              out: Path) -> dict[str, list[dict[str, Any]]]:
     t0 = time.perf_counter()
     cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
-    attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses"}))
+    attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses", "ra"}))
     clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
     backdoor = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     # the clean reference: same data (already on the device), same defender split and trigger, no poison
