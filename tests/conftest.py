@@ -123,6 +123,17 @@ def badnets_run(bundled: ImageData) -> TrainedRun:
 
 
 @pytest.fixture(scope="session")
+def clean_run(bundled: ImageData, badnets_run: TrainedRun) -> TrainedRun:
+    """The clean reference of ``badnets_run``: same 2,000 images, recipe, seed and defender split, nothing poisoned."""
+    from antidoor.config import AttackRunConfig, build_config
+    from antidoor.pipeline import Scenario, train_attack
+
+    cfg = build_config(AttackRunConfig, base=badnets_run.cfg.model_dump(), overrides=["attack.pratio=0"])
+    scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, "cpu", data=badnets_run.data)
+    return TrainedRun(train_attack(cfg, scenario, description="clean reference"), cfg, badnets_run.data)
+
+
+@pytest.fixture(scope="session")
 def saved_run(badnets_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's trained model saved as a checkpoint (model.safetensors + model.json)."""
     from antidoor.checkpoint import save_checkpoint

@@ -222,15 +222,22 @@ def test_demo_runs_end_to_end_with_small_settings(run_cli, tmp_path):
     import json
 
     res = run_cli("demo", "--set", "train.epochs=1", "--set", "model.width=8",
-                  "--set", "defenses=[{name: ft, epochs: 1}, {name: sau, rounds: 1, batch_size: 100}]",
-                  "--out", tmp_path, "--quiet")
+                  "--set", "defenses=[{name: ft, epochs: 1}, {name: sau, rounds: 1, batch_size: 100}, {name: ep, epochs: 1}]",
+                  "--set", "ra.seeds=[0]", "--set", "ra.epochs=1", "--out", tmp_path, "--quiet")
     assert res.returncode == 0, res.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["model"] for r in results["training"]] == ["clean", "badnets"]
-    assert [r["model"] for r in results["purification"]] == ["badnets (no defense)", "ft", "sau"]
+    assert [r["model"] for r in results["purification"]] == ["badnets (no defense)", "ft", "sau", "ep"]
+    # the superficial-safety table: asr before (o_asr) and after (p_asr) the retuning attack, references included
+    ra = results["superficial_safety"]
+    assert [r["model"] for r in ra] == ["ft", "sau", "ep", "clean", "badnets"]
+    by_model = {r["model"]: r for r in results["purification"]}
+    assert all(r["o_asr"] == pytest.approx(by_model[r["model"]]["asr"]) for r in ra[:3])
+    assert all(0 <= r["p_asr"] <= 1 and r["p_asr_std"] == 0 for r in ra)
     assert all(0 <= r["der"] <= 1 for r in results["purification"][1:])
-    for name in ("clean", "badnets", "badnets-ft", "badnets-sau"):
+    for name in ("clean", "badnets", "badnets-ft", "badnets-sau", "badnets-ep"):
         assert (tmp_path / f"{name}.safetensors").is_file() and (tmp_path / f"{name}.json").is_file()
+    assert "Superficial safety" in (tmp_path / "results.md").read_text()
     assert "| clean_acc |" in (tmp_path / "results.md").read_text().replace("| model | clean_acc |", "| clean_acc |")
 
 

@@ -23,6 +23,8 @@ from antidoor.attacks.base import validate_attack_spec
 from antidoor.defenses.base import validate_defense_spec
 from antidoor.errors import AntidoorError, format_validation_error
 from antidoor.models import MODELS
+from antidoor.stress.retune import RAConfig
+from antidoor.stress.suite import StressConfig
 from antidoor.train import TrainConfig
 
 DEFAULT_ATTACK = "badnets"
@@ -157,6 +159,7 @@ class DemoConfig(AttackRunConfig):
     """``antidoor demo``: an attack run plus the defenses applied to its backdoored model."""
 
     defenses: list[DefenseSpec] = Field(default_factory=list)
+    ra: RAConfig | None = Field(None, description="retuning attack on every purified model and the references; null: none")
 
 
 class PurifyConfig(BaseModel):
@@ -164,6 +167,14 @@ class PurifyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     defense: DefenseSpec = Field(default_factory=lambda: {"name": "sau"}, validate_default=True)
+    data: DataConfig | None = None
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+
+
+class StressRunConfig(StressConfig):
+    """``antidoor stress``: RA, QRA and path settings; data defaults to the backdoored checkpoint's own."""
+
     data: DataConfig | None = None
     seed: int = Field(0, ge=0)
     device: str = "auto"

@@ -1,10 +1,13 @@
 """``antidoor demo``: the main job on the bundled mini CIFAR-10, offline, in a few minutes on a CPU.
 
 Trains a clean reference and a BadNets model with the same data, seed and recipe, evaluates both
-under the same trigger, purifies the BadNets model with FT and SAU (on the defender's clean data
-only) and writes checkpoints, ``results.json`` and ``results.md`` to ``--out``. The demo's small
-settings (a small CNN, 20 epochs, lr 0.05; SAU 20 rounds at lr 1e-3) are chosen for speed; the
-API and the other commands keep the methods' full defaults.
+under the same trigger, purifies the BadNets model with FT, SAU and the oracle reference EP (on the
+defender's clean data only), then runs the retuning attack (RA) on every purified model and on the
+clean and backdoored references: the superficial-safety table (``o_asr`` before RA, ``p_asr`` after).
+Writes checkpoints, ``results.json`` and ``results.md`` to ``--out``. The demo's small settings (a
+small CNN, 20 epochs, lr 0.05; SAU 20 rounds at lr 1e-3; RA with 2 seeds) are chosen for speed; the
+API and the other commands keep the methods' full defaults (RA: 3 seeds; `antidoor stress` adds
+QRA and the backdoor-connected path).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from antidoor.config import AttackRunConfig, DemoConfig, build_config
 from antidoor.defenses import DEFENSES, purify
 from antidoor.metrics import der
 from antidoor.pipeline import Scenario, run_meta, train_attack
+from antidoor.stress import ra_data_for, retuning_attack
 from antidoor.utils import atomic_write_json, atomic_write_text, console, info
 
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -29,18 +33,21 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "train": {"epochs": 20, "lr": 0.05, "batch_size": 128},
     # small settings for a CPU demo: the defenses' own defaults (SAU: 100 rounds, batch 256,
     # lr 1e-4) stay the defaults of the API and the CLI
-    "defenses": [{"name": "ft"}, {"name": "sau", "rounds": 20, "batch_size": 100, "lr": 1e-3}],
+    "defenses": [{"name": "ft"}, {"name": "sau", "rounds": 20, "batch_size": 100, "lr": 1e-3}, {"name": "ep"}],
+    # the retuning attack at its defaults (5 poisoned samples, SGD lr 0.01, 5 epochs) but 2 seeds instead of 3
+    "ra": {"seeds": [0, 1]},
 }
 
 TRAIN_COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "train_s"]
 DEFENSE_COLUMNS = ["model", "clean_acc", "asr", "robust_acc", "der", "seconds"]
+RA_COLUMNS = ["model", "o_asr", "p_asr", "p_asr_std", "clean_acc", "ra_clean_acc"]
 
 
 def run_demo(config: Path | None, overrides: list[str], device: str | None, seed: int | None,
              out: Path) -> dict[str, list[dict[str, Any]]]:
     t0 = time.perf_counter()
     cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
-    attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses"}))
+    attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses", "ra"}))
     clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
     backdoor = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     # the clean reference: same data (already on the device), same defender split and trigger, no poison
@@ -58,6 +65,7 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
 
     bd = models[cfg.attack["name"]]
     defense_rows = [{"model": f"{cfg.attack['name']} (no defense)", **bd.metrics, "der": None, "seconds": None}]
+    purified_models = {}
     for spec in cfg.defenses:
         name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
         t = time.perf_counter()
@@ -70,15 +78,33 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
                 "metrics_before": bd.metrics, "metrics": metrics}
         save_checkpoint(out / f"{cfg.attack['name']}-{name}.safetensors", purified, meta, backdoor.attack, backdoor.splits)
         defense_rows.append({"model": name, **metrics, "seconds": round(seconds, 1)})
+        purified_models[name] = purified
     if cfg.defenses:
         console.print(_table("purification of the backdoored model (defender data only; metrics on the test split)",
                              defense_rows, DEFENSE_COLUMNS))
 
+    ra_rows: list[dict[str, Any]] = []
+    if cfg.ra is not None:
+        # the same RA set and seeds for every model: purified ones, then the references
+        ra_data = ra_data_for(backdoor, cfg.ra)
+        targets = {**purified_models, "clean": models["clean"].model, cfg.attack["name"]: bd.model}
+        for name, model in targets.items():
+            s = retuning_attack(model, ra_data, backdoor.evaluator, cfg.ra, description=f"RA on {name}").summary()
+            ra_rows.append({"model": name, "o_asr": s["o_asr"], "p_asr": s["p_asr_mean"], "p_asr_std": s["p_asr_std"],
+                            "clean_acc": s["o_clean_acc"], "ra_clean_acc": s["clean_acc_mean"]})
+        d = ra_data.describe()
+        console.print(_table(f"superficial safety: retuning attack ({d['n_total']} images, {d['n_poison']} poisoned, "
+                             f"{cfg.ra.epochs} epochs, mean of {len(cfg.ra.seeds)} seeds; ep is an oracle reference)",
+                             ra_rows, RA_COLUMNS))
+
     seconds = time.perf_counter() - t0
-    results = {"training": rows, "purification": defense_rows}
+    results = {"training": rows, "purification": defense_rows, "superficial_safety": ra_rows}
     atomic_write_json(out / "results.json", {**results, "config": cfg.model_dump(), "seconds": round(seconds, 1)})
-    atomic_write_text(out / "results.md",
-                      markdown_table(rows, TRAIN_COLUMNS) + "\n" + markdown_table(defense_rows, DEFENSE_COLUMNS))
+    md = markdown_table(rows, TRAIN_COLUMNS) + "\n" + markdown_table(defense_rows, DEFENSE_COLUMNS)
+    if ra_rows:
+        md += "\nSuperficial safety (o_asr: before the retuning attack, p_asr: after it; mean and std over seeds)\n\n"
+        md += markdown_table(ra_rows, RA_COLUMNS)
+    atomic_write_text(out / "results.md", md)
     info(f"wrote {out}/results.json, results.md and checkpoints in {seconds:.0f} s")
     return results
 
@@ -95,7 +121,7 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> Table:
 def _cell(v: Any, column: str) -> str:
     if v is None:
         return "-"
-    if column in ("clean_acc", "asr", "robust_acc"):
+    if column in ("clean_acc", "asr", "robust_acc", "o_asr", "p_asr", "p_asr_std", "ra_clean_acc"):
         return f"{100 * v:.1f}%"
     if column == "der":
         return f"{v:.3f}"
@@ -103,7 +129,7 @@ def _cell(v: Any, column: str) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Rates in percent (clean_acc, asr, robust_acc), der in [0, 1], times in seconds."""
+    """Rates in percent (clean_acc, asr, robust_acc, o_asr, p_asr, ...), der in [0, 1], times in seconds."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c), c).rstrip("%") for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
