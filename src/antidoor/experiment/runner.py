@@ -59,6 +59,8 @@ def run_grid(study: StudyConfig, out: str | Path, backend: str = "local", worker
             raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
                                 "or choose another --out")
         store.set_meta("study", study.model_dump())
+        for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid
+            tmp.unlink(missing_ok=True)
         finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
         for s in stages:
             if status.get(s.key) == "done" and s.key not in finished:
