@@ -196,7 +196,7 @@ def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) 
 
 def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
     """Kill the whole grid (driver and its 2 worker processes) after a stage finished; resume; check every row."""
-    study = {**TINY, "defenses": [TINY["defenses"][0]], "seeds": [0, 1]}
+    study = {**TINY, "defenses": [TINY["defenses"][0]], "seeds": [0, 1], "train": {**TINY["train"], "epochs": 1}}
     yaml_path, folder = write_yaml(tmp_path / "study.yaml", study), tmp_path / "study"
     expected = plan(load_study(yaml_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -248,8 +248,12 @@ def test_results_formats_and_filters(inline_study: Path, run_cli) -> None:
     rows = json.loads(res.stdout)
     assert [r["defense"] for r in rows] == ["clean", "none", "ft#1", "ft#2"]
     assert rows[3]["status"] == "failed" and "batch_size" in rows[3]["error"]
-    table = run_cli("results", inline_study, "--defense", "ft")
-    assert table.returncode == 0 and "failed" in table.stdout and "ft#1" in table.stdout and "none" not in table.stdout
+    from typer.testing import CliRunner
+
+    from antidoor.cli import app
+
+    table = CliRunner().invoke(app, ["results", str(inline_study), "--defense", "ft"])
+    assert table.exit_code == 0 and "failed" in table.stdout and "ft#1" in table.stdout and "none" not in table.stdout
     with Store(inline_study / STORE_NAME) as store:
         all_rows = result_rows(store)
     assert [r["defense"] for r in filter_rows(all_rows, defense=["none", "ft#2"])] == ["none", "ft#2"]
