@@ -18,8 +18,12 @@ Overhead per job = (grid wall time - direct wall time) / number of stages.
 time (``workers=1``), then with two (``workers=2``), alternating, ``--repeats`` times each; every
 job uses one thread (``threads: 1``, OMP_NUM_THREADS=1). Ray's worker processes are warmed up
 (torch and antidoor imported) before any timing. The JSON also holds the 1-minute load average
-before and after each run and the sum of the stages' own compute seconds, which grows when other
-processes take the cores.
+before and after each run, the sum of the stages' own compute seconds (it grows when other
+processes take the cores) and, before and after the runs, the machine's capacity for 2 processes
+at that moment: the throughput ratio of 2 plain CPU loops in 2 processes of this session against
+1 loop in 1 process. On an idle 2-core machine it is about 2; on a busy one with Linux's autogroup
+scheduling (processes of one session share one fair share of the CPUs) it falls towards 1, and no
+2-worker speed-up can exceed it.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grid_overhead.py --out benchmarks/results/grid_overhead_cpu.json
 """
@@ -69,6 +73,31 @@ CPU_BOUND = {
 
 def load() -> float:
     return os.getloadavg()[0]
+
+
+def _spin(n: int) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i
+    return time.perf_counter() - t0
+
+
+def capacity(n: int = 10_000_000) -> float:
+    """How much faster 2 processes of this session finish 2 fixed CPU loops than 1 process finishes 1
+    (throughput ratio): the most any 2-worker speed-up can reach at this moment on this machine."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_spin, [1000, 1000]))  # start both workers
+        t0 = time.perf_counter()
+        pool.submit(_spin, n).result()
+        one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        list(pool.map(_spin, [n, n]))
+        two = time.perf_counter() - t0
+    return round(2 * one / two, 3)
 
 
 def direct(study: Any, folder: Path) -> float:
@@ -134,16 +163,19 @@ def main() -> None:
         if not args.skip_speedup:
             study = load_study(base=CPU_BOUND)
             runs: dict[str, list[dict[str, Any]]] = {"1": [], "2": []}
+            caps = [capacity()]
             for i in range(args.repeats):
                 for w in ("1", "2"):
                     folder = tmp / f"speed-{w}-{i}"
                     runs[w].append(timed_grid(study, folder, backend="ray", workers=int(w)))
                     shutil.rmtree(folder)
                     print(w, runs[w][-1], flush=True)
+            caps.append(capacity())
             med = {w: statistics.median(r["wall_s"] for r in rs) for w, rs in runs.items()}
             result["speedup"] = {"study": CPU_BOUND, "stages": len(plan(study)), "runs": runs,
-                                 "median_wall_s": med, "speedup": round(med["1"] / med["2"], 3)}
-            print(json.dumps({"median_wall_s": med, "speedup": result["speedup"]["speedup"]}))
+                                 "median_wall_s": med, "speedup": round(med["1"] / med["2"], 3),
+                                 "machine_capacity_2_processes_before_after": caps}
+            print(json.dumps({"median_wall_s": med, "speedup": result["speedup"]["speedup"], "capacity": caps}))
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

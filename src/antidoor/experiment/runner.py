@@ -4,7 +4,8 @@ A stage is submitted as soon as its upstream stages are done, so the purificatio
 (dataset, model, attack, seed) run while other backdoored models still train. A stage whose
 upstream failed is recorded as failed with the reason and is not run; every other job goes on.
 With ``resume`` nothing that finished (status ``done`` and its checkpoint on disk) runs again;
-stages left ``running`` by a killed grid, and failed ones, are run again.
+stages left ``running`` by a killed grid, and failed ones, are run again. One driver per study
+folder at a time (the workers may be many).
 """
 
 from __future__ import annotations

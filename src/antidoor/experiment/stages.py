@@ -13,15 +13,19 @@ produces it, its upstream stages' configs included:
   then evaluate on the test split: ``clean_acc``, ``asr``, ``robust_acc``, ``der``; with
   ``curves``, the per-round clean_acc/asr (a monitor that observes and never selects).
 
-The stress suite becomes one more kind after ``purify``: a ``StageKind`` whose config holds the
-purify config and the stress parameters and whose runner reads the three checkpoints (clean,
-backdoored, purified) and returns its metrics, curves as ``Metric(step=...)`` rows; nothing else
-changes (``plan`` appends it, the runner, the store and the report treat every kind alike).
+The stress suite becomes one more kind after ``purify``: a ``run_stress`` in ``RUNNERS`` and a few
+lines in :func:`plan` adding a ``Stage("stress", {"stage": "stress", "stress": params, "upstream":
+purify.config}, labels, {"purify": ..., "attack": ..., "clean": ...})`` per purification (and per
+reference, to retune the clean and the backdoored models too). Its runner reads the checkpoints of
+its ``deps`` and returns its scalars (``p_asr``, ``qra_asr_purified``, ...) and its curves as
+``Metric("stress", "path.asr", value, step=t)`` / ``Metric("stress", "retune.asr", value, step=epoch)``;
+the scheduler, the store, ``antidoor results`` and the report already handle such rows.
 Artifacts are checkpoints under the study folder, written atomically by ``save_checkpoint``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -44,7 +48,7 @@ class Stage:
     labels: dict[str, Any]  # dataset, model, attack, defense, seed: for tables and filters
     deps: dict[str, str] = field(default_factory=dict)  # kind -> key of the upstream stage
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return config_key(self.config)
 
