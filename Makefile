@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test` (which installs the dev and ray extras).
 # TORCH pins the wheels that lie on this project's machines; elsewhere any recent torch works:
 #   make demo TORCH="torch torchvision"
 PYTHON ?= python3
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
 	touch $@
 
 install: $(VENV)/.installed

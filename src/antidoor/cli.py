@@ -1,4 +1,4 @@
-"""The ``antidoor`` command line: attack, evaluate, purify, stress, demo.
+"""The ``antidoor`` command line: attack, evaluate, purify, stress, demo; grid, results, report for studies.
 
 Every command takes ``--config FILE.yaml``, ``--set key=value`` overrides (validated), ``--device``,
 ``--seed`` and ``--out``. Bad input ends with one line on stderr and exit code 2, never a traceback.
@@ -272,6 +272,109 @@ def stress(
                                  ["model", "clean_acc", "o_asr", "p_asr_mean", "p_asr_std", "qra_asr_purified", "qra_asr_clean"]))
     console.print(f"wrote {', '.join(str(w) for w in written)} in {result.seconds:.0f} s")
     print_json_line({"table": rows, "seconds": result.seconds})
+
+
+# -- studies: grid, results, report -------------------------------------------------------------------
+
+def _study_store(folder: Path) -> Path:
+    from antidoor.experiment import STORE_NAME
+
+    path = folder / STORE_NAME if folder.is_dir() or folder.suffix != ".sqlite" else folder
+    if not path.is_file():
+        raise AntidoorError(f"no study store at {str(path)!r}; run `antidoor grid STUDY.yaml --out {folder}` first")
+    return path
+
+
+@app.command()
+def grid(
+    study: Path = typer.Argument(None, help="the study YAML (datasets, models, attacks, defenses, seeds, train); "
+                                            "optional with --resume (the stored study is reused)"),
+    set_: list[str] = SetOpt,
+    out: Path = typer.Option(None, "--out", "-o", help="study folder: study.sqlite + artifacts/ (default runs/<study name>)"),
+    backend: str = typer.Option("local", "--backend", help="local (this process or --workers processes) or ray"),
+    workers: int = typer.Option(None, "--workers", "-w", help="jobs at once (local default 1; ray default: the cluster's CPUs)"),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (from `ray start`), e.g. auto or HOST:6379"),
+    resume: bool = typer.Option(False, "--resume", help="continue a study: rerun nothing that finished"),
+    device: str = DeviceOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store."""
+    from rich.markup import escape
+
+    from antidoor.experiment import STORE_NAME, Store, load_study, run_grid
+
+    set_quiet(quiet)
+    base = None
+    if study is None:
+        if not resume or out is None:
+            raise AntidoorError("give a study YAML (antidoor grid STUDY.yaml), "
+                                "or --resume --out FOLDER to continue a stored study")
+        with Store(_study_store(out)) as store:
+            base = store.get_meta("study")
+    cfg = load_study(study, set_, base=base)
+    if device is not None:
+        cfg = cfg.model_copy(update={"device": device})
+    folder = out or Path("runs") / cfg.name
+    if study is not None and not resume and (folder / STORE_NAME).is_file():
+        raise AntidoorError(f"{folder} already holds a study; continue it with --resume or choose another --out")
+    summary = run_grid(cfg, folder, backend=backend, workers=workers, address=address, resume=resume)
+    console.print(f"{summary.stages} stages: {summary.reused} reused, {summary.done} run, {summary.failed} failed "
+                  f"({summary.seconds:.1f} s); store {folder / STORE_NAME}")
+    for f in summary.failures:
+        console.print(f"[red]failed:[/red] {escape(f)}", highlight=False, soft_wrap=True)
+    print_json_line({"stages": summary.stages, "reused": summary.reused, "done": summary.done, "failed": summary.failed})
+
+
+@app.command()
+def results(
+    folder: Path = typer.Argument(..., help="a study folder (or its study.sqlite)"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv, markdown or json"),
+    attack_: list[str] = typer.Option(None, "--attack", help="only these attacks (repeatable)"),
+    defense: list[str] = typer.Option(None, "--defense",
+                                      help="only these defenses (repeatable; none = backdoored, clean = reference)"),
+    dataset: list[str] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
+    mean: bool = typer.Option(False, "--mean", help="mean (and sd) over seeds instead of one row per seed"),
+) -> None:
+    """Print a study's results: one row per model (clean reference, backdoored, each defense) and seed."""
+    from rich.markup import escape
+
+    from antidoor.experiment import Store
+    from antidoor.report.tables import FORMATS, aggregate, cell, display_columns, filter_rows, render, result_rows
+
+    if fmt not in FORMATS:
+        raise AntidoorError(f"--format {fmt!r}: unknown; allowed: {', '.join(FORMATS)}")
+    with Store(_study_store(folder)) as store:
+        rows = filter_rows(result_rows(store), attack_, defense, dataset)
+    if mean:
+        rows = aggregate(rows)
+    if fmt != "table":
+        sys.stdout.write(render(rows, fmt, aggregated=mean))
+        return
+    columns = display_columns(rows, aggregated=mean)
+    table = Table(title=f"results: {folder}", title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("dataset", "model", "attack", "defense", "status", "error") else "right",
+                         overflow="fold")
+    for r in rows:
+        style = None if r["status"] == "done" else "red"
+        table.add_row(*[escape(cell(r, c)) for c in columns], style=style)
+    from rich.console import Console
+
+    Console(width=max(160, console.width)).print(table)
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="a study folder (or its study.sqlite)"),
+    out: Path = typer.Option(None, "--out", "-o", help="where report.html and report.md go (default: the study folder)"),
+) -> None:
+    """Write a self-contained HTML report (tables and plots) and a Markdown version of a study."""
+    from antidoor.report import write_report
+
+    store = _study_store(folder)
+    html_path, md_path = write_report(store, out or store.parent)
+    console.print(f"wrote {html_path} and {md_path}")
+    print_json_line({"html": str(html_path), "markdown": str(md_path)})
 
 
 def main() -> None:

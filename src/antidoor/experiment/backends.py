@@ -1,0 +1,157 @@
+"""Where jobs run: in this process, in N local worker processes, or on a Ray cluster.
+
+Every backend runs the same function, :func:`antidoor.experiment.stages.execute`, which records
+the stage in the study's store itself; the backend only moves the job there and says when it is
+over. On a Ray cluster of several machines the study folder must be on a file system every node
+sees (the checkpoints and the SQLite file live there).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+from typing import Any, Protocol
+
+from antidoor.errors import AntidoorError
+from antidoor.experiment.stages import Job, execute
+
+BACKENDS = ("local", "ray")
+
+
+class Backend(Protocol):
+    slots: int  # jobs in flight at once
+
+    def submit(self, job: Job) -> Any: ...
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """Block until at least one handle is finished; return (handle, result) for each finished one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _lost(job: Job, e: BaseException) -> dict[str, Any]:
+    """A worker that died (killed, out of memory) never recorded its failure: the driver does."""
+    return {"key": job.stage.key, "status": "lost", "error": f"worker lost: {type(e).__name__}: {e}", "seconds": None}
+
+
+class InlineBackend:
+    """Runs each job in this process as it is submitted (``--workers 1``)."""
+
+    slots = 1
+
+    def __init__(self) -> None:
+        self._results: dict[int, dict[str, Any]] = {}
+
+    def submit(self, job: Job) -> Any:
+        handle = len(self._results)
+        self._results[handle] = execute(job)
+        return handle
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        return [(h, self._results.pop(h)) for h in handles]
+
+    def close(self) -> None:
+        pass
+
+
+def _init_worker() -> None:
+    """Worker processes die with the driver (Linux), so a killed grid leaves no orphan writing on."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class ProcessBackend:
+    """N local worker processes (spawned: no forked torch state)."""
+
+    def __init__(self, workers: int) -> None:
+        self.slots = workers
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+        self._jobs: dict[cf.Future, Job] = {}
+
+    def submit(self, job: Job) -> Any:
+        fut = self.pool.submit(execute, job)
+        self._jobs[fut] = job
+        return fut
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        done, _ = cf.wait(handles, return_when=cf.FIRST_COMPLETED)
+        out = []
+        for fut in done:
+            job = self._jobs.pop(fut)
+            try:
+                out.append((fut, fut.result()))
+            except Exception as e:  # BrokenProcessPool and the like
+                out.append((fut, _lost(job, e)))
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayBackend:
+    """Jobs as Ray tasks: on the cluster at ``address`` (started with ``ray start``), on one already
+    initialised in this process (``ray.init(...)``), or on a local one started here."""
+
+    def __init__(self, workers: int | None, address: str | None, threads: int) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise AntidoorError("--backend ray needs Ray: pip install 'antidoor[ray]'") from None
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise AntidoorError(f"--address {address!r}: cannot connect to a Ray cluster ({first})") from None
+            self.started = True
+        elif address is not None:
+            raise AntidoorError("Ray is already initialised in this process; drop --address")
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.slots = workers or max(1, cpus // threads)
+        self.remote = ray.remote(num_cpus=threads, max_retries=0)(execute)
+        self._jobs: dict[Any, Job] = {}
+
+    def submit(self, job: Job) -> Any:
+        ref = self.remote.remote(job)
+        self._jobs[ref] = job
+        return ref
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+        ready, _ = self.ray.wait(handles, num_returns=1)
+        out = []
+        for ref in ready:
+            job = self._jobs.pop(ref)
+            try:
+                out.append((ref, self.ray.get(ref)))
+            except Exception as e:  # the worker died (execute itself catches the stage's own errors)
+                out.append((ref, _lost(job, e)))
+        return out
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def make_backend(name: str, workers: int | None, address: str | None = None, threads: int = 1) -> Backend:
+    if name == "local":
+        if address is not None:
+            raise AntidoorError("--address is for --backend ray")
+        workers = workers or 1
+        if workers < 1:
+            raise AntidoorError(f"--workers {workers}: must be at least 1")
+        return InlineBackend() if workers == 1 else ProcessBackend(workers)
+    if name == "ray":
+        if workers is not None and workers < 1:
+            raise AntidoorError(f"--workers {workers}: must be at least 1")
+        return RayBackend(workers, address, threads)
+    raise AntidoorError(f"--backend {name!r}: unknown; allowed: {', '.join(BACKENDS)}")

@@ -1,0 +1,123 @@
+"""The grid runner: plan the study, skip what the store already holds, schedule the rest.
+
+A stage is submitted as soon as its upstream stages are done, so the purifications of one
+(dataset, model, attack, seed) run while other backdoored models still train. A stage whose
+upstream failed is recorded as failed with the reason and is not run; every other job goes on.
+With ``resume`` nothing that finished (status ``done`` and its checkpoint on disk) runs again;
+stages left ``running`` by a killed grid, and failed ones, are run again. One driver per study
+folder at a time (the workers may be many).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.markup import escape
+
+from antidoor.errors import AntidoorError
+from antidoor.experiment.backends import make_backend
+from antidoor.experiment.stages import STORE_NAME, Job, Stage, plan
+from antidoor.experiment.store import Store
+from antidoor.experiment.study import StudyConfig
+from antidoor.utils import info, warn
+
+
+@dataclass
+class GridSummary:
+    stages: int
+    reused: int
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def git_commit() -> str | None:
+    """The commit of the antidoor sources, when they are a git checkout (None otherwise)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def run_grid(study: StudyConfig, out: str | Path, backend: str = "local", workers: int | None = None,
+             address: str | None = None, resume: bool = False) -> GridSummary:
+    """Run every stage of ``study`` into the folder ``out`` (its store: ``out/study.sqlite``)."""
+    from antidoor.checkpoint import versions
+
+    out = Path(out).resolve()
+    stages = plan(study)
+    with Store(out / STORE_NAME) as store:
+        status = store.status()
+        if status and not resume:
+            raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
+                                "or choose another --out")
+        store.set_meta("study", study.model_dump())
+        for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid
+            tmp.unlink(missing_ok=True)
+        finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
+        for s in stages:
+            if status.get(s.key) == "done" and s.key not in finished:
+                warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
+        summary = GridSummary(len(stages), len(finished))
+        pending = [s for s in stages if s.key not in finished]
+        info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
+             f"({backend} backend)")
+        if not pending:
+            return summary
+        t0 = time.perf_counter()
+        common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
+                  "git_commit": git_commit()}
+        runner = make_backend(backend, workers, address, study.threads)
+        try:
+            _schedule(pending, finished, runner, common, store, summary)
+        finally:
+            runner.close()
+        summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
+              summary: GridSummary) -> None:
+    failed: set[str] = set()
+    in_flight: dict[object, Stage] = {}
+    total = len(pending)
+    while pending or in_flight:
+        for s in list(pending):
+            bad = [k for k in s.deps.values() if k in failed]
+            if bad:
+                pending.remove(s)
+                failed.add(s.key)
+                reason = f"upstream stage failed: {', '.join(kind for kind, k in s.deps.items() if k in failed)}"
+                store.record_failure(s.key, s.kind, s.config, s.labels, reason)
+                summary.failed += 1
+                summary.failures.append(f"{s.describe()}: {reason}")
+                continue
+            if len(in_flight) < runner.slots and all(k in finished for k in s.deps.values()):
+                pending.remove(s)
+                in_flight[runner.submit(Job(s, **common))] = s
+        if not in_flight:
+            if pending:  # cannot happen: plan() lists upstream stages first
+                raise RuntimeError(f"{len(pending)} stages wait on stages that are not planned")
+            break
+        for handle, result in runner.wait(list(in_flight)):
+            s = in_flight.pop(handle)
+            if result["status"] == "done":
+                finished.add(s.key)
+                summary.done += 1
+            else:
+                if result["status"] == "lost":
+                    store.record_failure(s.key, s.kind, s.config, s.labels, result["error"])
+                failed.add(s.key)
+                summary.failed += 1
+                summary.failures.append(f"{s.describe()}: {result['error']}")
+            n = summary.done + summary.failed
+            secs = f"{result['seconds']:.1f} s" if result["seconds"] is not None else "-"
+            info(escape(f"[{n}/{total}] {result['status']}: {s.describe()} ({secs})"))

@@ -1,0 +1,135 @@
+"""A study: the product of datasets x models x attacks x defenses x seeds, in one YAML file.
+
+```yaml
+name: badnets-vs-defenses
+datasets: [{name: cifar10-mini, n_train: 1000, n_test: 500}]   # DataConfig keys + an optional subset
+models:   [{name: small_cnn, width: 8}]
+attacks:  [{name: badnets, pratio: 0.1}, {name: blended, pratio: 0.1}]
+defenses: [{name: ft, epochs: 2}, {name: sau, rounds: 5, batch_size: 32}]
+seeds:    [0, 1]
+train:    {epochs: 2, lr: 0.05}        # the recipe of the clean and the backdoored models
+device: auto                           # each job's device
+threads: 1                             # CPU threads per job (jobs run side by side)
+curves: true                           # record each defense's per-round clean_acc/asr curves
+```
+Every section is validated up front with the same models the single-run commands use: a typo
+in a defense parameter fails before any job starts.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
+from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.train import TrainConfig
+
+
+class StudyData(DataConfig):
+    """A dataset of the study: :class:`~antidoor.config.DataConfig` plus an optional real subset."""
+
+    n_train: int | None = Field(None, ge=10,
+                                description="keep a seeded, class-stratified subset of about this many training images")
+    n_test: int | None = Field(None, ge=10, description="likewise for the test images")
+
+    def data_config(self) -> DataConfig:
+        """The plain data section (what a single run's checkpoint sidecar expects)."""
+        return DataConfig(**self.model_dump(exclude={"n_train", "n_test"}))
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("study", min_length=1)
+    datasets: list[StudyData] = Field(default_factory=lambda: [StudyData()], min_length=1)
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+    attacks: list[AttackSpec] = Field(default_factory=lambda: [{"name": "badnets"}], min_length=1)
+    defenses: list[DefenseSpec] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    train: TrainConfig = TrainConfig()
+    device: str = "auto"
+    threads: int = Field(1, ge=1, description="CPU threads each job uses (torch.set_num_threads)")
+    curves: bool = Field(True, description="record each defense's clean_acc/asr after every round or epoch")
+
+    @field_validator("attacks")
+    @classmethod
+    def _poisoned(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for a in v:
+            if a["name"] == "none" or a["pratio"] == 0:
+                raise ValueError(f"attacks: {a['name']!r} with pratio {a['pratio']} poisons nothing; the clean reference "
+                                 "is trained for every (dataset, model, seed) anyway, so list only attacks with pratio > 0")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError(f"seeds {v}: must be distinct integers >= 0")
+        return v
+
+
+def load_study(path: str | Path | None = None, overrides: list[str] | None = None,
+               base: dict[str, Any] | None = None) -> StudyConfig:
+    """Defaults < ``base`` < the YAML file < ``--set`` overrides (e.g. ``--set train.epochs=2``)."""
+    raw = _merge({}, base or {})
+    if path is not None:
+        raw = _merge(raw, read_yaml(path))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_nested(raw, keys, value)
+    try:
+        return StudyConfig(**raw)
+    except ValidationError as e:
+        raise AntidoorError(f"invalid study: {format_validation_error(e)}") from None
+
+
+def labels_for(items: list[dict[str, Any]], name: Any = lambda d: d["name"]) -> list[str]:
+    """Short row labels: the name, with ``#i`` appended where two entries share a name."""
+    names = [name(d) for d in items]
+    return [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
+def dataset_label(d: dict[str, Any]) -> str:
+    """``cifar10-mini``, or ``cifar10-mini[1000/500]`` for a subset of 1,000 training and 500 test images."""
+    if d.get("n_train") is None and d.get("n_test") is None:
+        return str(d["name"])
+    return f"{d['name']}[{d.get('n_train') or 'all'}/{d.get('n_test') or 'all'}]"
+
+
+def model_label(m: dict[str, Any]) -> str:
+    return f"{m['name']}-w{m['width']}"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(canonical: str) -> Any:
+    import json
+
+    from antidoor.data import load_dataset, stratified_subset
+    from antidoor.data.dataset import ImageData
+
+    cfg = StudyData(**json.loads(canonical))
+    data = load_dataset(cfg.name, cfg.root, cfg.download, cfg.hflip, cfg.image_size)
+    if cfg.n_train is None and cfg.n_test is None:
+        return data
+    import torch
+
+    def pick(y: torch.Tensor, n: int | None, salt: int) -> torch.Tensor:
+        if n is None or n >= len(y):
+            return torch.arange(len(y))
+        # the subset belongs to the data definition, not to a run: a fixed seed, the same for every seed of the study
+        return stratified_subset(y.cpu(), n / len(y), torch.Generator().manual_seed(salt))
+
+    tr, te = pick(data.y_train, cfg.n_train, 0), pick(data.y_test, cfg.n_test, 1)
+    source = {**data.source, "subset": {"n_train": len(tr), "n_test": len(te), "stratified": True}}
+    return ImageData(dataset_label(cfg.model_dump()), data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te],
+                     data.classes, hflip=data.hflip, source=source)
+
+
+def load_study_data(cfg: StudyData) -> Any:
+    """The dataset (on the CPU), subset as asked; cached per process so a worker loads it once."""
+    from antidoor.experiment.store import canonical_json
+
+    return _load_cached(canonical_json(cfg.model_dump()))

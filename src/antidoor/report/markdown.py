@@ -1,0 +1,20 @@
+"""The study report in Markdown: the same tables, the plots as PNG files in a folder beside it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from antidoor.report.tables import markdown_table
+
+if TYPE_CHECKING:
+    from antidoor.report.html import Report
+
+
+def to_markdown(report: Report, files_dir: str) -> str:
+    parts = [f"# {report.title}", "", *[f"- {s}" for s in report.summary], ""]
+    parts += [f"_{n}_\n" for n in report.notes]
+    for title, columns, rows in report.tables:
+        parts += [f"## {title}", "", markdown_table(rows, columns)]
+    for title, stem, _ in report.figures:
+        parts += [f"## {title}", "", f"![{title}]({files_dir}/{stem}.png)", ""]
+    return "\n".join(parts)

@@ -1,0 +1,178 @@
+"""Result rows from a study's store, their filters, their mean over seeds, and their text formats.
+
+One row per model a study measured: for each (dataset, model, attack, seed) the clean reference
+(``defense`` = ``clean``), the backdoored model (``none``) and each defense. A row takes the scalar
+metrics of every stage run with its labels (purify, later stress), so new metrics (``p_asr``,
+``qra_asr_purified``, ...) become columns without changes here. Curves (metrics with a step)
+are read by :func:`curve_rows`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+from antidoor.experiment.store import Store
+
+KEYS = ["dataset", "model", "attack", "seed", "defense"]
+FIRST = ["clean_acc", "asr", "robust_acc", "der"]
+FORMATS = ("table", "csv", "markdown", "json")
+# the model a metric belongs to, by the metrics' stage column; other stages belong to the run's defense
+ROLE = {"attack": "none", "reference": "clean", "clean": "clean"}
+
+
+def _role(run: dict[str, Any], metric_stage: str) -> str:
+    return ROLE.get(metric_stage) or run["defense"] or ROLE.get(run["stage"], run["stage"])
+
+
+def result_rows(store: Store) -> list[dict[str, Any]]:
+    """Every measured model as one row: labels, status, error, scalar metrics, seconds."""
+    by_run: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for m in store.metrics():
+        if m["step"] is None:
+            by_run[m["run_id"]].append(m)
+    rows: dict[tuple, dict[str, Any]] = {}
+    for run in store.runs():
+        if run["stage"] == "clean" and run["status"] == "done":
+            continue  # its numbers appear as the 'clean' row of every attack, measured under that trigger
+        roles = {_role(run, m["stage"]) for m in by_run[run["id"]]} or {_role(run, run["stage"])}
+        for role in sorted(roles, key=lambda r: (r != "clean", r != "none")):
+            key = (run["dataset"], run["model"], run["attack"], run["seed"], role)
+            row = rows.setdefault(key, {**dict(zip(KEYS, key, strict=True)), "status": "done", "error": None,
+                                        "seconds": None, "_order": run["id"]})
+            if run["status"] != "done" and row["status"] != "failed":
+                row["status"] = run["status"]
+                row["error"] = _first_line(run["error"])
+            # a row's seconds: its own model's stage runs (the attack run's for 'none', purify and stress for a defense)
+            if run["seconds"] is not None and ((role == "none" and run["stage"] == "attack") or role == run["defense"]):
+                row["seconds"] = (row["seconds"] or 0.0) + run["seconds"]
+            for m in by_run[run["id"]]:
+                if _role(run, m["stage"]) == role:
+                    row[m["name"]] = m["value"]
+    out = sorted(rows.values(), key=lambda r: (str(r["dataset"]), str(r["model"]), str(r["attack"]), r["seed"] or 0,
+                                               r["defense"] != "clean", r["defense"] != "none", r["_order"]))
+    for r in out:
+        del r["_order"]
+    return out
+
+
+def curve_rows(store: Store) -> list[dict[str, Any]]:
+    """Every curve point: labels, the row's ``defense`` (as in :func:`result_rows`), family, metric, step, value.
+
+    A metric named ``path.asr`` belongs to the family ``path`` and is the metric ``asr``.
+    """
+    runs = {r["id"]: r for r in store.runs()}
+    out = []
+    for m in store.metrics():
+        if m["step"] is None:
+            continue
+        run = runs[m["run_id"]]
+        family, _, metric = m["name"].rpartition(".")
+        out.append({**{k: run[k] for k in KEYS if k != "defense"}, "defense": _role(run, m["stage"]), "stage": m["stage"],
+                    "family": family or m["stage"], "metric": metric, "step": m["step"], "value": m["value"]})
+    return out
+
+
+def _first_line(text: str | None) -> str | None:
+    return text.strip().splitlines()[0] if text else None
+
+
+def filter_rows(rows: list[dict[str, Any]], attack: list[str] | None = None, defense: list[str] | None = None,
+                dataset: list[str] | None = None, model: list[str] | None = None) -> list[dict[str, Any]]:
+    """Keep rows whose label is among the given ones (a label matches its name with or without ``#i``/``[...]``)."""
+
+    def ok(value: Any, wanted: list[str] | None) -> bool:
+        if not wanted:
+            return True
+        v = str(value)
+        return any(v == w or v.split("#")[0] == w or v.split("[")[0] == w for w in wanted)
+
+    return [r for r in rows if ok(r["attack"], attack) and ok(r["defense"], defense) and ok(r["dataset"], dataset)
+            and ok(r["model"], model)]
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The metric columns present: the standard four first, then the rest alphabetically."""
+    present = {k for r in rows for k in r if k not in (*KEYS, "status", "error", "seconds", "n")}
+    rest = sorted(k for k in present if k not in FIRST and not k.endswith("_sd"))
+    return [c for c in FIRST if c in present] + rest
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over seeds of each (dataset, model, attack, defense), with ``<metric>_sd`` (sample sd) and ``n``.
+
+    Only finished rows count; a group with a failed seed says so in ``status``.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["model"], r["attack"], r["defense"])].append(r)
+    cols = metric_columns(rows)
+    out = []
+    for (d, m, a, p), members in groups.items():
+        done = [r for r in members if r["status"] == "done"]
+        row: dict[str, Any] = {"dataset": d, "model": m, "attack": a, "defense": p, "n": len(done),
+                               "status": "done" if len(done) == len(members) else f"{len(members) - len(done)} not done"}
+        for c in cols:
+            vals = [r[c] for r in done if r.get(c) is not None]
+            if vals:
+                mean = sum(vals) / len(vals)
+                row[c] = mean
+                row[f"{c}_sd"] = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        out.append(row)
+    return out
+
+
+def fmt_value(v: Any, column: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if column == "seconds":
+            return f"{v:.1f}"
+        return f"{100 * v:.1f}%" if 0 <= v <= 1 and column != "der" else f"{v:.3f}"
+    return str(v)
+
+
+def display_columns(rows: list[dict[str, Any]], aggregated: bool = False) -> list[str]:
+    labels = ["dataset", "model", "attack", "defense"] + ([] if aggregated else ["seed"])
+    tail = ["n", "status"] if aggregated else ["status", "seconds", "error"]
+    return labels + metric_columns(rows) + tail
+
+
+def cell(row: dict[str, Any], column: str) -> str:
+    text = fmt_value(row.get(column), column)
+    sd = row.get(f"{column}_sd")
+    if sd is not None:
+        text += f" ± {fmt_value(sd, column).rstrip('%')}"
+    return text
+
+
+def render(rows: list[dict[str, Any]], fmt: str, aggregated: bool = False) -> str:
+    """``csv`` and ``json`` keep the raw numbers; ``markdown`` (and the CLI table) show percentages."""
+    if fmt not in FORMATS:
+        from antidoor.errors import AntidoorError
+
+        raise AntidoorError(f"--format {fmt!r}: unknown; allowed: {', '.join(FORMATS)}")
+    columns = display_columns(rows, aggregated)
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        extra = [f"{c}_sd" for c in metric_columns(rows)] if aggregated else []
+        writer = csv.DictWriter(buf, fieldnames=columns + extra, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+    return markdown_table(rows, columns)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(esc(cell(r, c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

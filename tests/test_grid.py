@@ -1,0 +1,330 @@
+"""Studies at scale: planning and keys, the SQLite store under concurrent writers, the grid on the
+local and Ray backends (same seeds, same metrics), failures, SIGKILL and resume, results and report.
+
+Every grid here trains real models on a real 1,000-image subset of the bundled CIFAR-10 (small_cnn
+width 8, 2 epochs), so a whole study runs in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from antidoor.errors import AntidoorError
+from antidoor.experiment import STORE_NAME, Store, load_study, plan, run_grid
+from antidoor.experiment.store import Metric
+from antidoor.report import build_report, filter_rows, render, result_rows, write_report
+
+TINY = {
+    "name": "tiny",
+    "datasets": [{"name": "cifar10-mini", "n_train": 1000, "n_test": 500}],
+    "models": [{"name": "small_cnn", "width": 8}],
+    "attacks": [{"name": "badnets", "pratio": 0.1}],
+    # the second FT asks for batches larger than the defender's 40 clean images: it fails at run time
+    "defenses": [{"name": "ft", "epochs": 1, "batch_size": 32}, {"name": "ft", "epochs": 1, "batch_size": 1000}],
+    "seeds": [0],
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+    "device": "cpu",
+}
+
+
+def write_yaml(path: Path, study: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def scalars(folder: Path) -> dict[tuple[str, str, str], float]:
+    """(stage key, metric stage, name) -> value for every scalar metric in a study's store."""
+    with Store(folder / STORE_NAME) as store:
+        keys = {r["id"]: r["key"] for r in store.runs()}
+        return {(keys[m["run_id"]], m["stage"], m["name"]): m["value"] for m in store.metrics() if m["step"] is None}
+
+
+@pytest.fixture(scope="module")
+def inline_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny study, run in this process (local backend, one worker)."""
+    out = tmp_path_factory.mktemp("grid") / "inline"
+    summary = run_grid(load_study(base=TINY), out)
+    assert (summary.stages, summary.done, summary.failed) == (4, 3, 1)
+    return out
+
+
+# -- planning ----------------------------------------------------------------------------------------------
+
+def test_plan_shares_stages_and_keys_follow_the_config() -> None:
+    study = {**TINY, "attacks": [{"name": "badnets"}, {"name": "blended"}],
+             "defenses": [{"name": "ft"}, {"name": "sau"}], "seeds": [0, 1]}
+    stages = plan(load_study(base=study))
+    kinds = [s.kind for s in stages]
+    # one clean model per (dataset, model, seed), one backdoored per attack and seed, one purification per defense
+    assert (kinds.count("clean"), kinds.count("attack"), kinds.count("purify")) == (2, 4, 8)
+    assert len({s.key for s in stages}) == len(stages) == len({s.artifact for s in stages})
+    position = {s.key: i for i, s in enumerate(stages)}
+    assert all(position[k] < position[s.key] for s in stages for k in s.deps.values())  # upstream first
+    again = {s.key for s in plan(load_study(base=study))}
+    assert again == {s.key for s in stages}
+
+    # a defense parameter changes only that defense's stages; the recipe changes every stage
+    changed = plan(load_study(base=study, overrides=["defenses=[{name: ft}, {name: sau, rounds: 3}]"]))
+    differ = {s.labels["defense"] for s in changed if s.key not in position}
+    assert differ == {"sau"} and sum(s.key not in position for s in changed) == 4
+    assert not {s.key for s in plan(load_study(base=study, overrides=["train.lr=0.02"]))} & set(position)
+
+
+def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
+    with pytest.raises(AntidoorError, match=r"defenses.*rnds|rnds"):
+        load_study(base={**TINY, "defenses": [{"name": "sau", "rnds": 3}]})
+    with pytest.raises(AntidoorError, match="poisons nothing"):
+        load_study(base={**TINY, "attacks": [{"name": "badnets", "pratio": 0}]})
+    with pytest.raises(AntidoorError, match="distinct"):
+        load_study(base={**TINY, "seeds": [1, 1]})
+    with pytest.raises(AntidoorError, match="n_train"):
+        load_study(base={**TINY, "datasets": [{"name": "cifar10-mini", "n_train": 2}]})
+    with pytest.raises(AntidoorError, match=r"absent\.yaml"):
+        load_study(tmp_path / "absent.yaml")
+    line = run_cli("results", tmp_path / "nowhere").error_line()
+    assert "no study store" in line
+
+
+# -- the store ---------------------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys
+    from antidoor.experiment.store import Metric, Store
+    path, w, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with Store(path) as store:
+        for i in range(n):
+            rid = store.start(f"w{w}-r{i}", "purify", {"w": w, "i": i}, {"dataset": "d", "seed": i})
+            store.finish(rid, [Metric("purify", f"m{j}", float(j), None) for j in range(4)]
+                         + [Metric("purify", "curve.asr", 0.5, step=s) for s in (1, 2)], seconds=0.0)
+""")
+
+
+def test_store_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / STORE_NAME
+    Store(path).close()
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), "40"], env=env) for w in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    with Store(path) as store:
+        runs = store.runs()
+        assert len(runs) == 160 and all(r["status"] == "done" for r in runs)
+        assert len(store.metrics()) == 160 * 6
+        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # a second finish replaces the run's metrics instead of adding to them
+        store.finish(runs[0]["id"], [Metric("purify", "m0", 1.0)])
+        assert len(store.metrics(runs[0]["id"])) == 1
+
+
+# -- the grid ----------------------------------------------------------------------------------------------
+
+def test_grid_records_every_stage_and_the_failure(inline_study: Path) -> None:
+    with Store(inline_study / STORE_NAME) as store:
+        runs = {(r["stage"], r["defense"]): r for r in store.runs()}
+        assert {k: r["status"] for k, r in runs.items()} == {
+            ("clean", None): "done", ("attack", None): "done", ("purify", "ft#1"): "done", ("purify", "ft#2"): "failed"}
+        assert "batch_size 1000" in runs[("purify", "ft#2")]["error"]
+        for r in runs.values():
+            assert r["attempts"] == 1 and r["finished"] >= r["started"] and json.loads(r["versions"])["torch"]
+            assert json.loads(r["config"])["stage"] == r["stage"]
+        artifacts = store.artifacts()
+        assert len(artifacts) == 3 and all((inline_study / a["path"]).is_file() for a in artifacts)
+        rows = result_rows(store)
+    by_defense = {r["defense"]: r for r in rows}
+    assert list(by_defense) == ["clean", "none", "ft#1", "ft#2"]
+    assert by_defense["ft#2"]["status"] == "failed" and "batch_size" in by_defense["ft#2"]["error"]
+    for d in ("clean", "none", "ft#1"):
+        assert {"clean_acc", "asr", "robust_acc"} <= set(by_defense[d]) and by_defense[d]["status"] == "done"
+    assert 0 <= by_defense["ft#1"]["der"] <= 1
+    # the purified checkpoint loads and is the model the store measured
+    from antidoor.checkpoint import load_checkpoint
+    from antidoor.experiment.stages import scenario_of
+
+    ckpt_path = next(inline_study.glob("artifacts/purify/*.safetensors"))
+    ckpt = load_checkpoint(ckpt_path)
+    scenario = scenario_of(ckpt, TINY["datasets"][0], 0, "cpu")
+    assert scenario.evaluator(ckpt.model)["asr"] == pytest.approx(by_defense["ft#1"]["asr"], abs=0)
+
+
+def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(inline_study, folder)
+    with pytest.raises(AntidoorError, match="--resume"):
+        run_grid(load_study(base=TINY), folder)
+    before = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    # one more defense: only its stage runs; the failed one is tried again (and fails again)
+    study = load_study(base={**TINY, "defenses": [*TINY["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}]})
+    summary = run_grid(study, folder, resume=True)
+    assert (summary.reused, summary.done, summary.failed) == (3, 1, 1)
+    after = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    for key, r in before.items():
+        if r["status"] == "done":
+            assert (after[key]["finished"], after[key]["attempts"]) == (r["finished"], 1)
+        else:
+            assert after[key]["attempts"] == 2
+
+
+def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra antidoor[ray]; `make test` installs it")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        summary = run_grid(load_study(base=TINY), tmp_path / "ray", backend="ray", workers=2)
+    finally:
+        ray.shutdown()
+    assert (summary.done, summary.failed) == (3, 1)
+    got, want = scalars(tmp_path / "ray"), scalars(inline_study)
+    assert got == want and len(want) >= 10
+    with Store(tmp_path / "ray" / STORE_NAME) as store:
+        workers = {r["worker"] for r in store.runs()}
+    assert f":{os.getpid()}" not in "".join(workers)  # the stages ran in Ray's worker processes
+
+
+def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
+    """Kill the whole grid (driver and its 2 worker processes) after a stage finished; resume; check every row."""
+    study = {**TINY, "defenses": [TINY["defenses"][0]], "seeds": [0, 1], "train": {**TINY["train"], "epochs": 1}}
+    yaml_path, folder = write_yaml(tmp_path / "study.yaml", study), tmp_path / "study"
+    expected = plan(load_study(yaml_path))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "antidoor.cli", "grid", str(yaml_path), "--out", str(folder), "--workers", "2",
+                             "--quiet"], env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = folder / STORE_NAME
+    done: list[tuple] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.is_file():
+            with sqlite3.connect(db, timeout=10) as conn, contextlib.suppress(sqlite3.OperationalError):  # not created yet
+                done = conn.execute("SELECT key, finished, attempts FROM runs WHERE status = 'done'").fetchall()
+            if done:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert done and len(done) < len(expected), f"the grid was not caught mid-run: {len(done)} of {len(expected)} done"
+
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    resumed = subprocess.run([sys.executable, "-m", "antidoor.cli", "grid", "--resume", "--out", str(folder), "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    reused = json.loads(resumed.stdout.strip().splitlines()[-1])["reused"]
+    assert reused >= len(done)
+    with Store(db) as store:
+        runs = {r["key"]: r for r in store.runs()}
+        assert set(runs) == {s.key for s in expected}  # no row lost, none extra (keys are unique in the table)
+        assert all(r["status"] == "done" for r in runs.values())
+        for key, finished, attempts in done:  # finished stages were not recomputed
+            assert (runs[key]["finished"], runs[key]["attempts"]) == (finished, attempts) == (finished, 1)
+        dupes = store.conn.execute("SELECT run_id, stage, name, step, COUNT(*) c FROM metrics "
+                                   "GROUP BY run_id, stage, name, IFNULL(step, -1) HAVING c > 1").fetchall()
+        assert not dupes
+        for s in expected:
+            names = {(m["stage"], m["name"]) for m in store.metrics(runs[s.key]["id"]) if m["step"] is None}
+            want = {"clean": {("clean", "clean_acc")}, "attack": {("attack", "asr"), ("reference", "asr")},
+                    "purify": {("purify", "asr"), ("purify", "der")}}[s.kind]
+            assert want <= names
+            assert (folder / s.artifact).is_file()
+        assert len(result_rows(store)) == 2 * 3  # per seed: clean, none and the defense
+
+
+# -- results and report ------------------------------------------------------------------------------------
+
+def test_results_formats_and_filters(inline_study: Path, run_cli) -> None:
+    res = run_cli("results", inline_study, "--format", "json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["defense"] for r in rows] == ["clean", "none", "ft#1", "ft#2"]
+    assert rows[3]["status"] == "failed" and "batch_size" in rows[3]["error"]
+    from typer.testing import CliRunner
+
+    from antidoor.cli import app
+
+    table = CliRunner().invoke(app, ["results", str(inline_study), "--defense", "ft"])
+    assert table.exit_code == 0 and "failed" in table.stdout and "ft#1" in table.stdout and "none" not in table.stdout
+    with Store(inline_study / STORE_NAME) as store:
+        all_rows = result_rows(store)
+    assert [r["defense"] for r in filter_rows(all_rows, defense=["none", "ft#2"])] == ["none", "ft#2"]
+    assert filter_rows(all_rows, attack=["blended"]) == []
+    csv_text = render(all_rows, "csv")
+    assert csv_text.splitlines()[0].startswith("dataset,model,attack,defense,seed,clean_acc,asr")
+    assert len(csv_text.splitlines()) == 5
+    md = render(all_rows, "markdown", aggregated=False)
+    assert md.count("\n") == 6 and "| failed |" in md
+
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images].map(i => i.id + ':' + i.naturalWidth + 'x' + i.naturalHeight + ':' + i.complete);
+  const tables = [...document.querySelectorAll('table')].map(t => t.rows.length);
+  const out = document.createElement('pre');
+  out.id = 'render-check';
+  out.textContent = JSON.stringify({imgs, tables});
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+def test_report_renders_in_headless_chromium(inline_study: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed here (.ci/run installs Debian's chromium package for CI)")
+    html_path, md_path = write_report(inline_study / STORE_NAME, tmp_path / "report")
+    page = html_path.read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained
+    # the check script goes into a copy: the report itself carries no test hooks
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", CHECK_SCRIPT))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*cmd, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=60, check=True).stdout
+    start = dom.index('<pre id="render-check">') + len('<pre id="render-check">')
+    check = json.loads(dom[start:dom.index("</pre>", start)].replace("&quot;", '"'))
+    images = {s.split(":")[0]: s.split(":")[1:] for s in check["imgs"]}
+    assert {"defenses", "curves_curve"} <= set(images)
+    for size, complete in images.values():
+        w, h = map(int, size.split("x"))
+        assert w > 100 and h > 100 and complete == "true"
+    assert check["tables"] == [5, 5]  # mean over seeds and every run: a header and four rows each
+    shot = tmp_path / "shot.png"
+    subprocess.run([*cmd, "--hide-scrollbars", "--window-size=1200,1600", f"--screenshot={shot}", html_path.as_uri()],
+                   capture_output=True, timeout=60, check=True)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] >= 1000 and pixels[..., :3].std() > 0.05  # not a blank page
+    md = md_path.read_text()
+    assert "| ft#2 |" in md and "failed" in md
+    for stem in ("defenses", "curves_curve"):
+        assert f"report_files/{stem}.png" in md and (md_path.parent / "report_files" / f"{stem}.png").stat().st_size > 1000
+
+
+def test_report_draws_retuning_and_path_curves_when_the_store_has_them(inline_study: Path, tmp_path: Path) -> None:
+    """The stress stage lands in another branch; these rows follow its schema (p_asr; path.* over t;
+    retune.* over epochs) to check that the report draws them. They are labelled as a test run."""
+    shutil.copytree(inline_study, tmp_path / "s")
+    with Store(tmp_path / "s" / STORE_NAME) as store:
+        ft = next(r for r in store.runs() if r["defense"] == "ft#1")
+        labels = {k: ft[k] for k in ("dataset", "model", "attack", "defense", "seed")}
+        rid = store.start("schema-test-stress", "stress", {"stage": "stress", "test": True}, labels)
+        points = [Metric("stress", "p_asr", 0.9)]
+        points += [Metric("stress", f"path.{m}", 0.5 * t, step=t / 4) for m in ("asr", "clean_acc") for t in range(5)]
+        points += [Metric("stress", "retune.asr", 0.2 * e, step=e) for e in range(1, 4)]
+        store.finish(rid, points)
+        report = build_report(store)
+        rows = result_rows(store)
+    assert next(r for r in rows if r["defense"] == "ft#1")["p_asr"] == 0.9
+    stems = [stem for _, stem, _ in report.figures]
+    assert {"defenses", "retuning", "curves_path", "curves_retune", "curves_curve"} <= set(stems)
+    assert all(png.startswith(b"\x89PNG") for _, _, png in report.figures)
