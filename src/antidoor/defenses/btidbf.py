@@ -61,6 +61,9 @@ Deviations from the official code, and why:
   the term is averaged over the whole batch as in the official MSE.
 - The clean-image augmentation (crop and flip) applies to every phase, as the official clean
   loader does; ``augment: false`` turns it off.
+- The official scripts' crashes have no counterpart: the non-PAM path calls ``unlearn`` with an extra
+  argument, and the scripts read an ``attack_target`` option that is never defined; here the target is
+  always the detected one, never read from the attack.
 - Subclasses (``pam``) change the unlearning optimiser through :meth:`BTIDBF.make_optimizer`.
 """
 
