@@ -6,7 +6,7 @@ Decoupling Benign Features", ICLR 2024.
 A generator G (a U-Net, images in [0, 1] to images in [0, 1]) is first trained to reproduce its
 input, so that G(x) starts as x. Then, each round:
 
-(a) Decouple benign features. A soft mask m = tanh(v) / 2 + 1/2 over the model's features f(x)
+(a) Decouple benign features. A soft mask m = tanh(v) / 2 + 1/2 over the model's last feature map f(x)
     is trained so that the masked part alone still classifies clean images and the rest does not::
 
         L_mask = CE(h(m * f(x)), y) - CE(h((1 - m) * f(x)), y)          (h: the classifier's head)
@@ -36,11 +36,12 @@ generated, 5 rounds (the paper's nround; ``defense.sh`` uses 3), batch 128. Ever
 parameter, so tests and the demo can run it tiny.
 
 Deviations from the official code, and why:
-- Features: the official mask lives on ResNet's layer4 maps (C x H x W) of a hand-split model; we
-  use the penultimate features of any registered model (``Classifier.features``, the input of
-  ``backbone.head``), one mask value per channel after global pooling. It works for every
-  architecture without surgery; with a linear head after average pooling it is the per-channel
-  version of the official mask.
+- Features: the official code splits its ResNet by hand into "input -> layer4 maps" and "maps ->
+  logits". We cut every registered backbone at the same place generically (:class:`FeatureSplit`): the
+  last feature map is the input of the backbone's global average pooling (``backbone.avgpool``, read
+  with a forward hook), and the logits are ``backbone.head`` of its pooled map. The mask has one value
+  per channel and position, as the official one. A backbone without ``avgpool`` is cut at its
+  penultimate features (``Classifier.features``, one mask value per feature).
 - The generator is trained again in every round, continuing from the previous round's weights
   (as in the authors' ``btidbfu.py``, where one Adam optimiser trains it across rounds); the
   superficial-safety code trains it in round 1 only and then freezes it.
@@ -60,6 +61,9 @@ Deviations from the official code, and why:
   the term is averaged over the whole batch as in the official MSE.
 - The clean-image augmentation (crop and flip) applies to every phase, as the official clean
   loader does; ``augment: false`` turns it off.
+- The official scripts' crashes have no counterpart: the non-PAM path calls ``unlearn`` with an extra
+  argument, and the scripts read an ``attack_target`` option that is never defined; here the target is
+  always the detected one, never read from the attack.
 - Subclasses (``pam``) change the unlearning optimiser through :meth:`BTIDBF.make_optimizer`.
 """
 
@@ -105,6 +109,34 @@ class BTIDBFParams(DefenseParams):
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature MSE between x and the mixed batch")
     augment: bool = Field(True, description="crop/flip the clean images in every phase")
     amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+
+
+class FeatureSplit:
+    """The model cut where the official code cuts ResNet: x -> the last feature map (the input of the
+    backbone's global average pooling, C x H x W) and that map -> logits (pooling, then the head).
+
+    Every registered backbone ends in ``avgpool`` then ``head``; a backbone without ``avgpool`` is cut
+    at its penultimate features (``Classifier.features``) instead.
+    """
+
+    def __init__(self, model: Classifier) -> None:
+        self.model = model
+        self.head = model.backbone.head
+        self.pool: nn.Module | None = getattr(model.backbone, "avgpool", None)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is None:
+            return self.model.features(x)
+        captured: list[torch.Tensor] = []
+        hook = self.pool.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+        try:
+            self.model.features(x)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def logits(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.head(feat if self.pool is None else self.pool(feat).flatten(1))
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -155,17 +187,18 @@ def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData
         return
     opt = torch.optim.Adam(gen.parameters(), lr=p.pretrain_lr)
     gen.train()
+    split = FeatureSplit(model)
     amp = autocast(data.device, p.amp)
     with progress_bar(p.pretrain_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: pretrain G") as advance:
         for x, _ in _epochs(data, p, p.pretrain_epochs, g):
             with amp:
                 with torch.no_grad():
-                    feat = model.features(x).float()
-                    probs = model.backbone.head(feat).float().softmax(1)
+                    feat = split.features(x).float()
+                    probs = split.logits(feat).float().softmax(1)
                 gx = gen(x).float()
-                feat_g = model.features(gx).float()
+                feat_g = split.features(gx).float()
                 pixel = F.mse_loss(gx, x)
-                loss = (F.cross_entropy(model.backbone.head(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
+                loss = (F.cross_entropy(split.logits(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
                         + torch.where(pixel > 0.1, 100.0, 0.01) * pixel)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,18 +207,19 @@ def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData
 
 
 def train_feature_mask(model: Classifier, data: DefenderData, p: BTIDBFParams, g: torch.Generator) -> torch.Tensor:
-    """(a) The soft mask m in (0, 1)^D over the penultimate features that keeps the benign ones."""
-    head = model.backbone.head
-    dim = head.in_features
-    logit = torch.randn(dim, device=data.device, generator=g).requires_grad_(True)
+    """(a) The soft mask m in (0, 1)^(C x H x W) over the last feature map that keeps the benign features."""
+    split = FeatureSplit(model)
+    with torch.no_grad():
+        shape = split.features(data.x[:1].float().div(255)).shape[1:]
+    logit = torch.randn(shape, device=data.device, generator=g).requires_grad_(True)
     opt = torch.optim.Adam([logit], lr=p.mask_lr)
     amp = autocast(data.device, p.amp)
     with progress_bar(p.mask_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: feature mask") as advance:
         for x, y in _epochs(data, p, p.mask_epochs, g):
             with torch.no_grad(), amp:
-                feat = model.features(x).float()  # the model is fixed here: only the mask learns
+                feat = split.features(x).float()  # the model is fixed here: only the mask learns
             m = torch.tanh(logit) / 2 + 0.5
-            loss = F.cross_entropy(head(m * feat), y) - F.cross_entropy(head((1 - m) * feat), y)
+            loss = F.cross_entropy(split.logits(m * feat), y) - F.cross_entropy(split.logits((1 - m) * feat), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -198,21 +232,22 @@ def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Class
     """(b) G keeps the benign (masked) features and moves the others, within the pixel budget;
     with a detected ``target``, also pushes G(x) toward it."""
     gen.train()
+    split = FeatureSplit(model)
     amp = autocast(data.device, p.amp)
     with progress_bar(p.generator_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: generator") as advance:
         for x, y in _epochs(data, p, p.generator_epochs, g):
             with amp:
                 with torch.no_grad():
-                    feat = model.features(x).float()
+                    feat = split.features(x).float()
                 gx = gen(x).float()
-                feat_g = model.features(gx).float()
+                feat_g = split.features(gx).float()
                 benign = F.mse_loss(mask * feat_g, mask * feat)
                 backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
                 pixel = F.mse_loss(gx, x)
                 # the switch without a host round trip: the gradient flows through the chosen branch only
                 loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
                 if target is not None:
-                    loss = loss + F.cross_entropy(model.backbone.head(feat_g).float(), torch.full_like(y, target))
+                    loss = loss + F.cross_entropy(split.logits(feat_g).float(), torch.full_like(y, target))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -290,8 +325,8 @@ class BTIDBF(Defense):
             mixed = torch.cat([gx, x[k:]]).contiguous(memory_format=torch.channels_last)
             if p.feature_weight == 0:
                 return F.cross_entropy(model(mixed), y)
-            feats = model.features(torch.cat([mixed, x[:k]]))
-            loss = F.cross_entropy(model.backbone.head(feats[:len(x)]), y)
+            feats = FeatureSplit(model).features(torch.cat([mixed, x[:k]]))
+            loss = F.cross_entropy(FeatureSplit(model).logits(feats[:len(x)]), y)
             feature_mse = (feats[:k] - feats[len(x):]).pow(2).sum() / feats[:len(x)].numel()
             return loss + p.feature_weight * feature_mse
 
