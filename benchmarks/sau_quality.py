@@ -47,7 +47,9 @@ from antidoor.pipeline import Scenario
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, required=True, help="folder with {attack}-s{seed}/model.safetensors")
+    p.add_argument("--runs", type=Path, help="folder with {attack}-s{seed}/model.safetensors")
+    p.add_argument("--aggregate", nargs="+", type=Path, default=None,
+                   help="only build the table from the JSON files of earlier runs of this script (e.g. one per seed)")
     p.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 1e-3])
@@ -152,8 +154,30 @@ def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) ->
     return "\n".join(lines) + "\n"
 
 
+def aggregate(files: list[Path]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Merge the ``results`` of several output files (one run per (attack, seed) kept) and their rounds."""
+    merged: dict[str, dict[int, dict[str, Any]]] = {}
+    rounds = 0
+    for f in files:
+        data = json.loads(f.read_text())
+        rounds = max(rounds, int(data["args"]["rounds"]))
+        for attack, runs in data["results"].items():
+            for run in runs:
+                merged.setdefault(attack, {})[run["seed"]] = run
+    return {a: [runs[s] for s in sorted(runs)] for a, runs in merged.items()}, rounds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.aggregate:
+        results, args.rounds = aggregate(args.aggregate)
+        md = table(results, args)
+        print(md)
+        if args.md is not None:
+            args.md.write_text(md)
+        return 0
+    if args.runs is None:
+        raise SystemExit("--runs is required (or --aggregate FILES)")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
