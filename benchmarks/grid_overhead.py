@@ -145,7 +145,7 @@ def main() -> None:
         n = len(plan(tiny))
         direct(load_study(base={**TINY, "seeds": [99]}), tmp / "warmup")  # data cached, imports done
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         ray_start = time.perf_counter() - t0
         warm = ray.remote(num_cpus=1)(lambda: __import__("antidoor.experiment.stages") and __import__("torch").get_num_threads())

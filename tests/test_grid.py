@@ -180,7 +180,8 @@ def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, 
 
 def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="Ray is the optional extra antidoor[ray]; `make test` installs it")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    # address="local": a fresh local Ray even where a cluster from `ray start` runs
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         summary = run_grid(load_study(base=TINY), tmp_path / "ray", backend="ray", workers=2)
