@@ -213,8 +213,16 @@ def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
             if done:
                 break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = children(proc.pid)
+    assert len(workers) >= 2  # the two pool workers (and multiprocessing's resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its worker processes must notice and end
     proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if alive(w)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert not orphans, "worker processes outlived the killed driver"
     assert done and len(done) < len(expected), f"the grid was not caught mid-run: {len(done)} of {len(expected)} done"
 
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
@@ -239,6 +247,24 @@ def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
             assert want <= names
             assert (folder / s.artifact).is_file()
         assert len(result_rows(store)) == 2 * 3  # per seed: clean, none and the defense
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # -- results and report ------------------------------------------------------------------------------------
