@@ -95,6 +95,11 @@ def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
         load_study(base={**TINY, "datasets": [{"name": "cifar10-mini", "n_train": 2}]})
     with pytest.raises(AntidoorError, match=r"absent\.yaml"):
         load_study(tmp_path / "absent.yaml")
+    for kw, msg in (({"backend": "spark"}, "allowed: local, ray"), ({"workers": 0}, "at least 1"),
+                    ({"address": "auto"}, "for --backend ray")):
+        with pytest.raises(AntidoorError, match=msg):
+            run_grid(load_study(base=TINY), tmp_path / "never", **kw)
+    assert not (tmp_path / "never").exists()
     line = run_cli("results", tmp_path / "nowhere").error_line()
     assert "no study store" in line
 

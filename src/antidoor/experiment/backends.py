@@ -147,16 +147,17 @@ class RayBackend:
             self.ray.shutdown()
 
 
+def check_backend(name: str, workers: int | None, address: str | None = None) -> None:
+    if name not in BACKENDS:
+        raise AntidoorError(f"--backend {name!r}: unknown; allowed: {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        raise AntidoorError(f"--workers {workers}: must be at least 1")
+    if name == "local" and address is not None:
+        raise AntidoorError("--address is for --backend ray")
+
+
 def make_backend(name: str, workers: int | None, address: str | None = None, threads: int = 1) -> Backend:
-    if name == "local":
-        if address is not None:
-            raise AntidoorError("--address is for --backend ray")
-        workers = workers or 1
-        if workers < 1:
-            raise AntidoorError(f"--workers {workers}: must be at least 1")
-        return InlineBackend() if workers == 1 else ProcessBackend(workers)
+    check_backend(name, workers, address)
     if name == "ray":
-        if workers is not None and workers < 1:
-            raise AntidoorError(f"--workers {workers}: must be at least 1")
         return RayBackend(workers, address, threads)
-    raise AntidoorError(f"--backend {name!r}: unknown; allowed: {', '.join(BACKENDS)}")
+    return InlineBackend() if (workers or 1) == 1 else ProcessBackend(workers or 1)
