@@ -11,7 +11,10 @@ warm-up that loads the data and imports everything:
 * **grid, ray**: ``run_grid(..., backend="ray", workers=1)`` on a local Ray (started before, its
   start-up reported apart): the same plus moving each job to a Ray worker process and back.
 
-Overhead per job = (grid wall time - direct wall time) / number of stages.
+Overhead per job = (grid wall time - direct wall time) / number of stages (median rounds), and,
+less exposed to the shared machine's noise, (grid wall time - the stages' own compute seconds as
+the store records them) / number of stages: everything the runner does outside the stage itself
+(planning, SQLite records, artifact hashes, scheduling, moving jobs to Ray workers and back).
 
 **Speed-up.** A study of CPU-bound stages (small_cnn width 16 on 1,000 images, 2 epochs; 4 seeds:
 4 clean, 4 backdoored, 4 purified models) runs on a local Ray with 2 CPUs, first with one job at a
@@ -118,6 +121,7 @@ def timed_grid(study: Any, folder: Path, **kw: Any) -> dict[str, Any]:
         stage_seconds = sum(r["seconds"] or 0 for r in store.runs())
     assert summary.failed == 0, summary.failures
     return {"wall_s": round(wall, 3), "stage_seconds_sum": round(stage_seconds, 3), "stages": summary.stages,
+            "outside_stages_s_per_job": round((wall - stage_seconds) / summary.stages, 4),
             "load_before": before, "load_after": load()}
 
 
@@ -141,7 +145,7 @@ def main() -> None:
         n = len(plan(tiny))
         direct(load_study(base={**TINY, "seeds": [99]}), tmp / "warmup")  # data cached, imports done
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         ray_start = time.perf_counter() - t0
         warm = ray.remote(num_cpus=1)(lambda: __import__("antidoor.experiment.stages") and __import__("torch").get_num_threads())

@@ -95,6 +95,11 @@ def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
         load_study(base={**TINY, "datasets": [{"name": "cifar10-mini", "n_train": 2}]})
     with pytest.raises(AntidoorError, match=r"absent\.yaml"):
         load_study(tmp_path / "absent.yaml")
+    for kw, msg in (({"backend": "spark"}, "allowed: local, ray"), ({"workers": 0}, "at least 1"),
+                    ({"address": "auto"}, "for --backend ray")):
+        with pytest.raises(AntidoorError, match=msg):
+            run_grid(load_study(base=TINY), tmp_path / "never", **kw)
+    assert not (tmp_path / "never").exists()
     line = run_cli("results", tmp_path / "nowhere").error_line()
     assert "no study store" in line
 
@@ -180,7 +185,8 @@ def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, 
 
 def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="Ray is the optional extra antidoor[ray]; `make test` installs it")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+    # address="local": a fresh local Ray even where a cluster from `ray start` runs
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         summary = run_grid(load_study(base=TINY), tmp_path / "ray", backend="ray", workers=2)
@@ -212,8 +218,16 @@ def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
             if done:
                 break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = children(proc.pid)
+    assert len(workers) >= 2  # the two pool workers (and multiprocessing's resource tracker)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its worker processes must notice and end
     proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if alive(w)]
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert not orphans, "worker processes outlived the killed driver"
     assert done and len(done) < len(expected), f"the grid was not caught mid-run: {len(done)} of {len(expected)} done"
 
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
@@ -238,6 +252,24 @@ def test_sigkill_mid_grid_then_resume(tmp_path: Path) -> None:
             assert want <= names
             assert (folder / s.artifact).is_file()
         assert len(result_rows(store)) == 2 * 3  # per seed: clean, none and the defense
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # -- results and report ------------------------------------------------------------------------------------

@@ -315,8 +315,6 @@ def grid(
     if device is not None:
         cfg = cfg.model_copy(update={"device": device})
     folder = out or Path("runs") / cfg.name
-    if study is not None and not resume and (folder / STORE_NAME).is_file():
-        raise AntidoorError(f"{folder} already holds a study; continue it with --resume or choose another --out")
     summary = run_grid(cfg, folder, backend=backend, workers=workers, address=address, resume=resume)
     console.print(f"{summary.stages} stages: {summary.reused} reused, {summary.done} run, {summary.failed} failed "
                   f"({summary.seconds:.1f} s); store {folder / STORE_NAME}")

@@ -56,16 +56,21 @@ class InlineBackend:
 
 
 def _init_worker() -> None:
-    """Worker processes die with the driver (Linux), so a killed grid leaves no orphan writing on."""
-    import ctypes
-    import signal
-    import sys
+    """Worker processes end when the driver dies (killed, even with SIGKILL), so a killed grid leaves
+    no orphan running on: a daemon thread checks once a second that the parent is still the driver.
+    (PR_SET_PDEATHSIG proved unreliable here for pool workers, so it is not used.)"""
+    import os
+    import threading
+    import time
 
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # the stage in flight stays 'running' in the store; --resume runs it again
+
+    threading.Thread(target=watch, name="antidoor-parent-watch", daemon=True).start()
 
 
 class ProcessBackend:
@@ -142,16 +147,17 @@ class RayBackend:
             self.ray.shutdown()
 
 
+def check_backend(name: str, workers: int | None, address: str | None = None) -> None:
+    if name not in BACKENDS:
+        raise AntidoorError(f"--backend {name!r}: unknown; allowed: {', '.join(BACKENDS)}")
+    if workers is not None and workers < 1:
+        raise AntidoorError(f"--workers {workers}: must be at least 1")
+    if name == "local" and address is not None:
+        raise AntidoorError("--address is for --backend ray")
+
+
 def make_backend(name: str, workers: int | None, address: str | None = None, threads: int = 1) -> Backend:
-    if name == "local":
-        if address is not None:
-            raise AntidoorError("--address is for --backend ray")
-        workers = workers or 1
-        if workers < 1:
-            raise AntidoorError(f"--workers {workers}: must be at least 1")
-        return InlineBackend() if workers == 1 else ProcessBackend(workers)
+    check_backend(name, workers, address)
     if name == "ray":
-        if workers is not None and workers < 1:
-            raise AntidoorError(f"--workers {workers}: must be at least 1")
         return RayBackend(workers, address, threads)
-    raise AntidoorError(f"--backend {name!r}: unknown; allowed: {', '.join(BACKENDS)}")
+    return InlineBackend() if (workers or 1) == 1 else ProcessBackend(workers or 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from antidoor.errors import AntidoorError
-from antidoor.experiment.backends import make_backend
+from antidoor.experiment.backends import check_backend, make_backend
 from antidoor.experiment.stages import STORE_NAME, Job, Stage, plan
 from antidoor.experiment.store import Store
 from antidoor.experiment.study import StudyConfig
@@ -37,6 +37,8 @@ class GridSummary:
 
 def git_commit() -> str | None:
     """The commit of the antidoor sources, when they are a git checkout (None otherwise)."""
+    if "site-packages" in Path(__file__).parts:  # an installed copy: a repository around it is someone else's
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
                              timeout=5, check=False)
@@ -52,6 +54,7 @@ def run_grid(study: StudyConfig, out: str | Path, backend: str = "local", worker
     """Run every stage of ``study`` into the folder ``out`` (its store: ``out/study.sqlite``)."""
     from antidoor.checkpoint import versions
 
+    check_backend(backend, workers, address)  # before anything is written
     out = Path(out).resolve()
     stages = plan(study)
     with Store(out / STORE_NAME) as store:
