@@ -24,7 +24,7 @@ import pytest
 from antidoor.errors import AntidoorError
 from antidoor.experiment import STORE_NAME, Store, load_study, plan, run_grid
 from antidoor.experiment.store import Metric
-from antidoor.report import build_report, filter_rows, render, result_rows, write_report
+from antidoor.report import build_report, curve_rows, filter_rows, render, result_rows, write_report
 
 TINY = {
     "name": "tiny",
@@ -342,21 +342,57 @@ def test_report_renders_in_headless_chromium(inline_study: Path, tmp_path: Path)
         assert f"report_files/{stem}.png" in md and (md_path.parent / "report_files" / f"{stem}.png").stat().st_size > 1000
 
 
-def test_report_draws_retuning_and_path_curves_when_the_store_has_them(inline_study: Path, tmp_path: Path) -> None:
-    """The stress stage lands in another branch; these rows follow its schema (p_asr; path.* over t;
-    retune.* over epochs) to check that the report draws them. They are labelled as a test run."""
-    shutil.copytree(inline_study, tmp_path / "s")
-    with Store(tmp_path / "s" / STORE_NAME) as store:
-        ft = next(r for r in store.runs() if r["defense"] == "ft#1")
-        labels = {k: ft[k] for k in ("dataset", "model", "attack", "defense", "seed")}
-        rid = store.start("schema-test-stress", "stress", {"stage": "stress", "test": True}, labels)
-        points = [Metric("stress", "p_asr", 0.9)]
-        points += [Metric("stress", f"path.{m}", 0.5 * t, step=t / 4) for m in ("asr", "clean_acc") for t in range(5)]
-        points += [Metric("stress", "retune.asr", 0.2 * e, step=e) for e in range(1, 4)]
-        store.finish(rid, points)
+# the stress suite at its smallest: one 1-epoch RA seed, a 1-epoch QRA on 40 images, a 3-point path
+STRESS = {"ra": {"epochs": 1, "seeds": [0]}, "qra": {"n_clean": 20, "n_poison": 20, "epochs": 1, "hidden": 16},
+          "path": {"points": 3}}
+
+
+def test_grid_stress_stages_record_p_asr_and_curves_then_report_them(inline_study: Path, tmp_path: Path, run_cli) -> None:
+    """The tiny study again with a stress section: only the stress stages run; resumed, nothing finished reruns."""
+    study = load_study(base={**TINY, "stress": STRESS})
+    stages = plan(study)
+    stress = {s.labels["defense"]: s for s in stages if s.kind == "stress"}
+    assert sorted(stress) == ["clean", "ft#1", "ft#2", "none"]  # each purification, the backdoored and the clean model
+    assert stress["none"].deps == stress["clean"].deps and stress["ft#1"].deps["purify"] in {s.key for s in stages}
+    # the references are keyed by the RA settings alone: leaving QRA out reruns only the purifications' stress
+    no_qra = {s.key for s in plan(load_study(base={**TINY, "stress": {**STRESS, "qra": None}}))}
+    assert {d for d, s in stress.items() if s.key not in no_qra} == {"ft#1", "ft#2"}
+
+    folder = tmp_path / "stress"
+    shutil.copytree(inline_study, folder)
+    summary = run_grid(study, folder, resume=True)
+    # clean, attack and ft#1 reused; the three stress stages run; ft#2 fails again and its stress with it
+    assert (summary.stages, summary.reused, summary.done, summary.failed) == (8, 3, 3, 2)
+    with Store(folder / STORE_NAME) as store:
+        rows = {r["defense"]: r for r in result_rows(store)}
+        curves = curve_rows(store)
         report = build_report(store)
-        rows = result_rows(store)
-    assert next(r for r in rows if r["defense"] == "ft#1")["p_asr"] == 0.9
-    stems = [stem for _, stem, _ in report.figures]
-    assert {"defenses", "retuning", "curves_path", "curves_retune", "curves_curve"} <= set(stems)
+        finished = {r["key"]: r["finished"] for r in store.runs() if r["status"] == "done"}
+    for d in ("clean", "none", "ft#1"):
+        r = rows[d]
+        assert r["status"] == "done" and 0 <= r["p_asr"] <= 1 and r["p_asr_std"] == 0 and 0 <= r["p_clean_acc"] <= 1
+        assert r["o_asr"] == r["asr"]  # the stress stage measured the very model the upstream stage recorded
+        retune = {c["step"]: c["value"] for c in curves if (c["defense"], c["family"], c["metric"]) == (d, "retune", "asr")}
+        assert retune == {0: r["asr"], 1: r["p_asr"]}  # epoch 0: before RA; the last epoch: p_asr
+    assert 0 <= rows["ft#1"]["qra_asr_purified"] <= 1 and 0 <= rows["ft#1"]["qra_asr_clean"] <= 1
+    assert "qra_asr_purified" not in rows["none"] and "qra_asr_purified" not in rows["clean"]  # QRA: purified models only
+    assert rows["ft#2"]["status"] == "failed"
+    path = {(c["defense"], c["metric"], c["step"]) for c in curves if c["family"] == "path"}
+    assert path == {("ft#1", m, t) for m in ("asr", "clean_acc") for t in (0.0, 0.5, 1.0)}
+    saved = json.loads((folder / stress["ft#1"].artifact).read_text())
+    assert saved["summary"]["p_asr_mean"] == rows["ft#1"]["p_asr"] and len(saved["path"]["t"]) == 3
+    stems = {stem for _, stem, _ in report.figures}
+    assert {"defenses", "retuning", "curves_path", "curves_retune", "curves_curve"} <= stems
     assert all(png.startswith(b"\x89PNG") for _, _, png in report.figures)
+    assert not any("without the stress suite" in n for n in report.notes)
+
+    again = run_grid(study, folder, resume=True)
+    assert (again.reused, again.done, again.failed) == (6, 0, 2)  # only the failing ft#2 and its stress are tried again
+    with Store(folder / STORE_NAME) as store:
+        assert {r["key"]: r["finished"] for r in store.runs() if r["status"] == "done"} == finished
+
+    res = run_cli("results", folder, "--format", "csv", "--mean")
+    assert res.returncode == 0, res.stderr
+    header = res.stdout.splitlines()[0].split(",")
+    assert header[4:13] == ["clean_acc", "asr", "robust_acc", "der", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified",
+                            "qra_asr_clean"]

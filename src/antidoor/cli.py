@@ -287,7 +287,7 @@ def _study_store(folder: Path) -> Path:
 
 @app.command()
 def grid(
-    study: Path = typer.Argument(None, help="the study YAML (datasets, models, attacks, defenses, seeds, train); "
+    study: Path = typer.Argument(None, help="the study YAML (datasets, models, attacks, defenses, seeds, train, stress); "
                                             "optional with --resume (the stored study is reused)"),
     set_: list[str] = SetOpt,
     out: Path = typer.Option(None, "--out", "-o", help="study folder: study.sqlite + artifacts/ (default runs/<study name>)"),

@@ -12,15 +12,19 @@ produces it, its upstream stages' configs included:
 - ``purify`` (defense; upstream: attack): purify the backdoored model on the defender's data only,
   then evaluate on the test split: ``clean_acc``, ``asr``, ``robust_acc``, ``der``; with
   ``curves``, the per-round clean_acc/asr (a monitor that observes and never selects).
+- ``stress`` (with the study's ``stress:`` section): the stress suite (:mod:`antidoor.stress`) on one
+  model, under its attack's trigger and with the same RA set and seeds for every model. One per
+  purification (upstream: purify; RA, then QRA and the backdoor-connected path when configured) and,
+  as references, one for the backdoored model and one for the clean model per (dataset, model,
+  attack, seed) (upstream: attack; RA only, keyed by the RA settings alone, so changing QRA or the
+  path reruns neither). EP is stressed like any purification when it is one of the defenses.
+  Scalars: ``o_asr``, ``p_asr`` (mean over the RA seeds), ``p_asr_std``, ``p_clean_acc``,
+  ``qra_asr_purified``, ``qra_asr_clean``; curves ``retune.asr``/``retune.clean_acc`` per RA epoch (mean
+  over seeds; step 0: before RA) and ``path.asr``/``path.clean_acc`` per t. The reference stages are
+  labelled with the defense ``none`` (backdoored) or ``clean``, so their numbers join those rows.
 
-The stress suite becomes one more kind after ``purify``: a ``run_stress`` in ``RUNNERS`` and a few
-lines in :func:`plan` adding a ``Stage("stress", {"stage": "stress", "stress": params, "upstream":
-purify.config}, labels, {"purify": ..., "attack": ..., "clean": ...})`` per purification (and per
-reference, to retune the clean and the backdoored models too). Its runner reads the checkpoints of
-its ``deps`` and returns its scalars (``p_asr``, ``qra_asr_purified``, ...) and its curves as
-``Metric("stress", "path.asr", value, step=t)`` / ``Metric("stress", "retune.asr", value, step=epoch)``;
-the scheduler, the store, ``antidoor results`` and the report already handle such rows.
-Artifacts are checkpoints under the study folder, written atomically by ``save_checkpoint``.
+Artifacts are checkpoints under the study folder, written atomically by ``save_checkpoint``; a
+stress stage's is the JSON of its full result (every RA seed, QRA, the path), written atomically.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def config_key(config: dict[str, Any]) -> str:
 
 
 def artifact_path(kind: str, key: str) -> str:
-    return f"artifacts/{kind}/{key[:20]}.safetensors"
+    return f"artifacts/{kind}/{key[:20]}{'.json' if kind == 'stress' else '.safetensors'}"
 
 
 def plan(study: StudyConfig) -> list[Stage]:
@@ -84,6 +88,7 @@ def plan(study: StudyConfig) -> list[Stage]:
     attack_labels = labels_for(study.attacks)
     defense_labels = labels_for(study.defenses)
     train = study.train.model_dump()
+    stress = study.stress.model_dump() if study.stress is not None else None
     for data, d_label in zip(dumped_data, data_labels, strict=True):
         for model, m_label in zip(study.models, model_labels, strict=True):
             for seed in study.seeds:
@@ -93,10 +98,18 @@ def plan(study: StudyConfig) -> list[Stage]:
                 for attack, a_label in zip(study.attacks, attack_labels, strict=True):
                     atk = add(Stage("attack", {"stage": "attack", **base, "attack": attack, "clean": clean.config},
                                     {**lab, "attack": a_label, "defense": None}, {"clean": clean.key}))
+                    refs = {"attack": atk.key, "clean": clean.key}
+                    if stress is not None:  # the references: RA only, so only the RA settings key them
+                        for role, row in (("backdoored", "none"), ("clean", "clean")):
+                            add(Stage("stress", {"stage": "stress", "role": role, "stress": {"ra": stress["ra"]},
+                                                 "upstream": atk.config}, {**lab, "attack": a_label, "defense": row}, refs))
                     for defense, p_label in zip(study.defenses, defense_labels, strict=True):
-                        add(Stage("purify", {"stage": "purify", "defense": defense, "curves": study.curves,
-                                             "upstream": atk.config},
-                                  {**lab, "attack": a_label, "defense": p_label}, {"attack": atk.key}))
+                        pur = add(Stage("purify", {"stage": "purify", "defense": defense, "curves": study.curves,
+                                                   "upstream": atk.config},
+                                        {**lab, "attack": a_label, "defense": p_label}, {"attack": atk.key}))
+                        if stress is not None:
+                            add(Stage("stress", {"stage": "stress", "role": "purified", "stress": stress, "upstream": pur.config},
+                                      pur.labels, {"purify": pur.key, **refs}))
     return list(stages.values())
 
 
@@ -221,7 +234,43 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
     return StageOutput(metrics, [path])
 
 
-RUNNERS: dict[str, Runner] = {"clean": run_clean, "attack": run_attack, "purify": run_purify}
+def run_stress(stage: Stage, ctx: StageContext) -> StageOutput:
+    """The stress suite on one model (purified, backdoored or clean) under its attack's trigger."""
+    from antidoor.checkpoint import load_checkpoint
+    from antidoor.stress.suite import ModelStressConfig, qra_data_for, ra_data_for, stress_model
+    from antidoor.utils import atomic_write_json
+
+    c = stage.config
+    role = c["role"]
+    cfg = ModelStressConfig(**c["stress"])
+    up = c["upstream"]["upstream"] if role == "purified" else c["upstream"]  # the attack stage's config
+    atk = load_checkpoint(ctx.deps["attack"])
+    scenario = scenario_of(atk, up["data"], up["seed"], ctx.device)
+    clean = load_checkpoint(ctx.deps["clean"]).model  # the model stressed, or QRA's clean surrogate
+    purified = role == "purified"
+    model = load_checkpoint(ctx.deps["purify"]).model if purified else atk.model if role == "backdoored" else clean
+    qra_data = qra_data_for(scenario, cfg.qra) if purified and cfg.qra is not None else None
+    res = stress_model(str(stage.labels["defense"]), "purified" if purified else f"{role} reference", model, scenario,
+                       atk.model, clean, cfg, ra_data_for(scenario, cfg.ra), qra_data)
+    s = res.ra.summary()
+    scalars = {"o_asr": s["o_asr"], "p_asr": s["p_asr_mean"], "p_asr_std": s["p_asr_std"], "p_clean_acc": s["clean_acc_mean"]}
+    if res.qra is not None:
+        scalars["qra_asr_purified"] = res.qra.qra_asr_purified
+        if res.qra.qra_asr_clean is not None:
+            scalars["qra_asr_clean"] = res.qra.qra_asr_clean
+    metrics = _scalars("stress", scalars)
+    acc_mean = [sum(v) / len(v) for v in zip(*(r.clean_acc_curve for r in res.ra.runs), strict=True)]
+    for epoch, (asr, acc) in enumerate(zip(s["asr_curve_mean"], acc_mean, strict=True)):  # epoch 0: before RA
+        metrics += [Metric("stress", "retune.asr", asr, step=epoch), Metric("stress", "retune.clean_acc", acc, step=epoch)]
+    if res.path is not None:
+        for t, asr, acc in zip(res.path.t, res.path.asr, res.path.clean_acc, strict=True):
+            metrics += [Metric("stress", "path.asr", asr, step=t), Metric("stress", "path.clean_acc", acc, step=t)]
+    path = ctx.artifact(stage)
+    atomic_write_json(path, {"stage_key": stage.key, "labels": stage.labels, "config": c["stress"], **res.to_dict()})
+    return StageOutput(metrics, [path])
+
+
+RUNNERS: dict[str, Runner] = {"clean": run_clean, "attack": run_attack, "purify": run_purify, "stress": run_stress}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,10 @@ train:    {epochs: 2, lr: 0.05}        # the recipe of the clean and the backdoo
 device: auto                           # each job's device
 threads: 1                             # CPU threads per job (jobs run side by side)
 curves: true                           # record each defense's per-round clean_acc/asr curves
+stress:                                # optional: the stress suite on every purified model and the references
+  ra: {epochs: 5, seeds: [0, 1, 2]}    # the retuning attack (RAConfig)
+  qra: null                            # QRA (QRAConfig) on the purified models; null leaves it out
+  path: {points: 11}                   # the backdoor-connected path (PathConfig); null leaves it out
 ```
 Every section is validated up front with the same models the single-run commands use: a typo
 in a defense parameter fails before any job starts.
@@ -26,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
 from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.stress.suite import ModelStressConfig
 from antidoor.train import TrainConfig
 
 
@@ -53,6 +58,8 @@ class StudyConfig(BaseModel):
     device: str = "auto"
     threads: int = Field(1, ge=1, description="CPU threads each job uses (torch.set_num_threads)")
     curves: bool = Field(True, description="record each defense's clean_acc/asr after every round or epoch")
+    stress: ModelStressConfig | None = Field(None, description="stress every purified model (RA, QRA, path) and RA the "
+                                                               "backdoored and clean models; null: no stress stages")
 
     @field_validator("attacks")
     @classmethod
@@ -61,6 +68,14 @@ class StudyConfig(BaseModel):
             if a["name"] == "none" or a["pratio"] == 0:
                 raise ValueError(f"attacks: {a['name']!r} with pratio {a['pratio']} poisons nothing; the clean reference "
                                  "is trained for every (dataset, model, seed) anyway, so list only attacks with pratio > 0")
+        return v
+
+    @field_validator("stress", mode="before")
+    @classmethod
+    def _no_ep(cls, v: Any) -> Any:
+        if isinstance(v, dict) and {"ep", "ep_params"} & set(v):
+            raise ValueError("stress.ep/ep_params: a study stresses EP when it is one of its defenses; "
+                             "list it there (defenses: [..., {name: ep}]) instead")
         return v
 
     @field_validator("seeds")

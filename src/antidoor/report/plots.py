@@ -18,7 +18,7 @@ from typing import Any
 FAMILY_TITLES = {
     "curve": "during purification (per round or epoch, test split, observed only)",
     "path": "backdoor-connected path (t = 0: purified, t = 1: backdoored)",
-    "retune": "retuning attack (per epoch)",
+    "retune": "retuning attack (per epoch, mean over its seeds)",
     "train": "training",
 }
 MAX_PANELS = 12
@@ -77,7 +77,7 @@ def defenses_compared(agg: list[dict[str, Any]]) -> bytes | None:
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("defenses compared (mean over seeds; error bars: sd)")
+    fig.suptitle("defenses compared (mean over seeds; error bars: sd)", y=1.02)
     return _png(fig)
 
 
@@ -102,7 +102,7 @@ def asr_after_retuning(agg: list[dict[str, Any]]) -> bytes | None:
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("asr after retuning: o_asr (after purification) vs p_asr (after the retuning attack)")
+    fig.suptitle("asr after retuning: o_asr (after purification) vs p_asr (after the retuning attack)", y=1.02)
     return _png(fig)
 
 
@@ -126,7 +126,7 @@ def curves(points: list[dict[str, Any]], skip: tuple[str, ...] = ("train",)) -> 
                 ax.plot(steps, [sum(series[s]) / len(series[s]) for s in steps], marker="o", markersize=3, label=str(defense))
             metric, where = panel
             ax.set_title(f"{metric}\n{where}", fontsize=8)
-            ax.set_xlabel("t" if family == "path" else "step")
+            ax.set_xlabel({"path": "t", "retune": "epoch (0: before the retuning attack)"}.get(family, "step"))
             if metric in ("asr", "clean_acc", "robust_acc", "p_asr"):
                 ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)

@@ -2,7 +2,7 @@
 
 One row per model a study measured: for each (dataset, model, attack, seed) the clean reference
 (``defense`` = ``clean``), the backdoored model (``none``) and each defense. A row takes the scalar
-metrics of every stage run with its labels (purify, later stress), so new metrics (``p_asr``,
+metrics of every stage run with its labels (purify, stress), so new metrics (``p_asr``,
 ``qra_asr_purified``, ...) become columns without changes here. Curves (metrics with a step)
 are read by :func:`curve_rows`.
 """
@@ -19,7 +19,8 @@ from typing import Any
 from antidoor.experiment.store import Store
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
-FIRST = ["clean_acc", "asr", "robust_acc", "der"]
+# the standard four, then the stress suite's (when the study has a stress section); the rest follow alphabetically
+FIRST = ["clean_acc", "asr", "robust_acc", "der", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified", "qra_asr_clean"]
 FORMATS = ("table", "csv", "markdown", "json")
 # the model a metric belongs to, by the metrics' stage column; other stages belong to the run's defense
 ROLE = {"attack": "none", "reference": "clean", "clean": "clean"}
@@ -96,7 +97,7 @@ def filter_rows(rows: list[dict[str, Any]], attack: list[str] | None = None, def
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """The metric columns present: the standard four first, then the rest alphabetically."""
+    """The metric columns present: those of ``FIRST`` in its order, then the rest alphabetically."""
     present = {k for r in rows for k in r if k not in (*KEYS, "status", "error", "seconds", "n")}
     rest = sorted(k for k in present if k not in FIRST and not k.endswith("_sd"))
     return [c for c in FIRST if c in present] + rest

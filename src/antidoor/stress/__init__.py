@@ -3,7 +3,8 @@
 - :func:`retuning_attack` (RA): fine-tune on a few poisoned samples; ``o_asr`` -> ``p_asr``.
 - :func:`qra`: a learned input perturbation that reactivates the backdoor (``qra_asr_purified`` vs ``qra_asr_clean``).
 - :func:`backdoor_path`: clean_acc and asr along the line from the purified to the backdoored weights.
-- :func:`run_stress` / :func:`write_report`: all three with the clean, backdoored and EP references.
+- :func:`run_stress` / :func:`write_report`: all three with the clean, backdoored and EP references
+  (:func:`stress_model`: one model's share, as a study's ``stress`` stage runs it).
 """
 
 from antidoor.stress.path import PathConfig, PathResult, backdoor_path, check_same_architecture, reestimate_bn
@@ -11,18 +12,20 @@ from antidoor.stress.qra import PerturbationGenerator, QRAConfig, QRAData, QRARe
 from antidoor.stress.retune import RAConfig, RAData, RAResult, RARun, make_ra_data, retuning_attack
 from antidoor.stress.suite import (
     ModelStress,
+    ModelStressConfig,
     StressConfig,
     StressResult,
     markdown,
     qra_data_for,
     ra_data_for,
     run_stress,
+    stress_model,
     write_report,
 )
 
 __all__ = [
-    "ModelStress", "PathConfig", "PathResult", "PerturbationGenerator", "QRAConfig", "QRAData", "QRAResult", "RAConfig",
-    "RAData", "RAResult", "RARun", "StressConfig", "StressResult", "backdoor_path", "check_same_architecture", "make_qra_data",
-    "make_ra_data", "markdown", "perturb", "qra", "qra_data_for", "ra_data_for", "reestimate_bn", "retuning_attack",
-    "run_stress", "write_report",
+    "ModelStress", "ModelStressConfig", "PathConfig", "PathResult", "PerturbationGenerator", "QRAConfig", "QRAData",
+    "QRAResult", "RAConfig", "RAData", "RAResult", "RARun", "StressConfig", "StressResult", "backdoor_path",
+    "check_same_architecture", "make_qra_data", "make_ra_data", "markdown", "perturb", "qra", "qra_data_for", "ra_data_for",
+    "reestimate_bn", "retuning_attack", "run_stress", "stress_model", "write_report",
 ]

@@ -3,7 +3,8 @@ with the references that make the numbers readable (clean model, backdoored mode
 
 ``run_stress`` builds the RA and QRA sets once from the scenario (the data stay on the device) and
 runs the same RA (same set, same seeds) on every model; QRA and the path run for the purified
-models and EP. ``write_report`` writes ``stress.json``, ``stress.md``, ``ra_curve.png`` and ``path.png``,
+models and EP. ``stress_model`` is that treatment for one model (a study's ``stress`` stage calls it).
+``write_report`` writes ``stress.json``, ``stress.md``, ``ra_curve.png`` and ``path.png``,
 each atomically. Nothing here chooses anything with the test split: it is only measured on.
 """
 
@@ -30,13 +31,19 @@ if TYPE_CHECKING:
     from antidoor.pipeline import Scenario
 
 
-class StressConfig(BaseModel):
-    """What ``antidoor stress`` runs; ``qra: null`` or ``path: null`` leaves a part out."""
+class ModelStressConfig(BaseModel):
+    """What every stressed model goes through: RA; QRA and the path for purified ones (and EP).
+    ``qra: null`` or ``path: null`` leaves a part out. A study's ``stress:`` section is this."""
 
     model_config = ConfigDict(extra="forbid")
     ra: RAConfig = RAConfig()
     qra: QRAConfig | None = QRAConfig()
     path: PathConfig | None = PathConfig()
+
+
+class StressConfig(ModelStressConfig):
+    """What ``antidoor stress`` runs: :class:`ModelStressConfig` plus the EP reference it may purify itself."""
+
     ep: bool = Field(True, description="also stress EP (oracle; purified from the backdoored model) when its poisoned "
                                        "samples are recorded and no EP model is given")
     ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
@@ -136,40 +143,53 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
             ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed, **cfg.ep_params)
         else:
             info("no EP reference: the scenario records no poisoned samples")
-    ev = scenario.evaluator
     ra_data = ra_data_for(scenario, cfg.ra)
     qra_data = qra_data_for(scenario, cfg.qra) if cfg.qra is not None else None
-    defender = scenario.defender_data()
-    clean_images = torch.cat([defender.x, defender.x_val])
     runs: list[tuple[str, str, Classifier]] = [(n, "purified", m) for n, m in models.items()]
     if ep is not None:
         runs.append(("ep", "oracle reference (EP)", ep))
     runs.append(("backdoored", "backdoored reference", backdoored))
     if clean_ref is not None:
         runs.append(("clean", "clean reference", clean_ref))
-    out: dict[str, ModelStress] = {}
-    for name, role, model in runs:
-        model = model.to(dev).eval()
-        purified_like = role.startswith(("purified", "oracle"))
-        ra = retuning_attack(model, ra_data, ev, cfg.ra, keep_models=purified_like and qra_data is not None,
-                             description=f"RA on {name}")
-        res = ModelStress(role, _describe(model), ra)
-        if purified_like and qra_data is not None:
-            roles = {"retuned": f"{name} after RA (seed {ra.runs[0].seed})", "purified": name,
-                     "clean_surrogate": "clean reference" if clean_ref is not None else "none (CE term dropped)",
-                     "clean_ref": "clean reference" if clean_ref is not None else "none"}
-            res.qra = qra(model, qra_data, ev, retuned=ra.retuned[0], clean_surrogate=clean_ref, config=cfg.qra, roles=roles)
-            ra.retuned.clear()
-            info(f"QRA on {name}: asr {100 * res.qra.asr_purified:.1f}% -> {100 * res.qra.qra_asr_purified:.1f}% "
-                 f"(clean model: {_pct(res.qra.qra_asr_clean)})")
-        if purified_like and cfg.path is not None:
-            res.path = backdoor_path(model, backdoored, clean_images, ev, cfg.path.points, cfg.path.bn, cfg.path.batch_size)
-            info(f"path {name} -> backdoored ({cfg.path.bn} BN): asr " + " ".join(f"{100 * a:.0f}" for a in res.path.asr))
-        out[name] = res
+    out = {name: stress_model(name, role, model, scenario, backdoored, clean_ref, cfg, ra_data, qra_data)
+           for name, role, model in runs}
+    defender = scenario.defender_data()
     data = {"dataset": scenario.data.name, "attack": scenario.attack.spec(), "ra_set": ra_data.describe(),
-            "qra_set": qra_data.describe() if qra_data is not None else None, "bn_images": len(clean_images),
-            "evaluated_on": "test split (measurement only)"}
+            "qra_set": qra_data.describe() if qra_data is not None else None,
+            "bn_images": len(defender.x) + len(defender.x_val), "evaluated_on": "test split (measurement only)"}
     return StressResult(out, cfg.model_dump(), data, round(time.perf_counter() - t0, 1), {"device": str(dev), "seed": seed})
+
+
+def stress_model(name: str, role: str, model: Classifier, scenario: Scenario, backdoored: Classifier,
+                 clean_ref: Classifier | None, config: ModelStressConfig, ra_data: RAData,
+                 qra_data: QRAData | None = None) -> ModelStress:
+    """Stress one model: RA; for a purified model or EP (``role`` starting with ``purified`` or ``oracle``)
+    also QRA (when ``qra_data`` is given) and the path to ``backdoored`` (when ``config.path`` is set).
+
+    ``ra_data``/``qra_data`` come from :func:`ra_data_for`/:func:`qra_data_for`, built once and shared
+    by every model compared. ``clean_ref`` is QRA's clean surrogate and the model ``qra_asr_clean`` is measured on.
+    """
+    ev = scenario.evaluator
+    model = model.to(scenario.device).eval()
+    purified_like = role.startswith(("purified", "oracle"))
+    ra = retuning_attack(model, ra_data, ev, config.ra, keep_models=purified_like and qra_data is not None,
+                         description=f"RA on {name}")
+    res = ModelStress(role, _describe(model), ra)
+    if purified_like and qra_data is not None:
+        roles = {"retuned": f"{name} after RA (seed {ra.runs[0].seed})", "purified": name,
+                 "clean_surrogate": "clean reference" if clean_ref is not None else "none (CE term dropped)",
+                 "clean_ref": "clean reference" if clean_ref is not None else "none"}
+        res.qra = qra(model, qra_data, ev, retuned=ra.retuned[0], clean_surrogate=clean_ref, config=config.qra, roles=roles)
+        ra.retuned.clear()
+        info(f"QRA on {name}: asr {100 * res.qra.asr_purified:.1f}% -> {100 * res.qra.qra_asr_purified:.1f}% "
+             f"(clean model: {_pct(res.qra.qra_asr_clean)})")
+    if purified_like and config.path is not None:
+        defender = scenario.defender_data()
+        clean_images = torch.cat([defender.x, defender.x_val])  # BatchNorm re-estimation: the defender's clean images
+        p = config.path
+        res.path = backdoor_path(model, backdoored, clean_images, ev, p.points, p.bn, p.batch_size)
+        info(f"path {name} -> backdoored ({p.bn} BN): asr " + " ".join(f"{100 * a:.0f}" for a in res.path.asr))
+    return res
 
 
 def _pct(v: float | None) -> str:
@@ -229,4 +249,5 @@ def write_report(result: StressResult, out: str | Path) -> list[Path]:
     return written
 
 
-__all__ = ["ModelStress", "StressConfig", "StressResult", "markdown", "qra_data_for", "ra_data_for", "run_stress", "write_report"]
+__all__ = ["ModelStress", "ModelStressConfig", "StressConfig", "StressResult", "markdown", "qra_data_for", "ra_data_for",
+           "run_stress", "stress_model", "write_report"]
