@@ -67,6 +67,16 @@ def test_every_defense_purifies_a_copy_and_changes_weights(name, badnets_run, de
     assert not purified.training
 
 
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_is_deterministic_on_cpu_and_reports_progress(name, badnets_run):
+    data = badnets_run.result.scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
+    seen: list[int] = []
+    a = purify(badnets_run.result.model, data, name, seed=5, monitor=lambda epoch, m: seen.append(epoch), **fast_params(name))
+    b = purify(badnets_run.result.model, data, name, seed=5, **fast_params(name))
+    assert _same_weights(a, b)
+    assert seen and seen == sorted(seen) and seen[0] == 1
+
+
 def test_sau_lowers_asr_on_real_images(badnets_run, defender):
     scenario = badnets_run.result.scenario
     before = badnets_run.result.metrics

@@ -5,13 +5,14 @@ Minimization", ICCV 2023.
 
 Fine-tune the backdoored model on the defender's clean images with SAM (:class:`antidoor.optim.SAM`):
 each step takes the gradient at the worst point within radius rho (adaptive: scaled by |w|, ASAM)
-and applies it at the current weights, which pushes the backdoor neurons' large weights away from
-their sharp minimum. Loss: cross-entropy with label smoothing. The last model is returned.
+and applies it at the current weights. The paper finds that backdoor-related neurons have larger
+weight norms and that this update shrinks them, which plain fine-tuning barely does. Loss:
+cross-entropy with label smoothing. The last model is returned.
 
 Defaults from BackdoorBench: 100 epochs, SGD lr 0.01, momentum 0.9, weight decay 5e-4, rho 2.0,
-adaptive SAM on, label smoothing 0.1, crop-and-flip, batch 128 as this project's FT (BackdoorBench:
-256). The defender's clean set is already class-balanced (a stratified split), as BackdoorBench's
-250 images per class are.
+adaptive SAM on (its ``--adaptive`` is a store_false flag, so it is on unless given), label
+smoothing 0.1, crop-and-flip; batch 128 as this project's FT (BackdoorBench: 256). The defender's
+clean set is already class-balanced (a stratified split), as BackdoorBench's 250 images per class are.
 
 Deviation: BackdoorBench steps its cosine schedule per batch with T_max 100, so the learning rate
 cycles (every 20 epochs on 2,500 images) instead of decaying once; here the cosine schedule spans the

@@ -72,8 +72,7 @@ def universal_perturbation(model: Classifier, data: DefenderData, p: IBAUParams,
             y0 = model(x).argmax(1)
         with amp:
             loss = -F.cross_entropy(_perturbed(model, x, delta), y0) + p.penalty * delta.pow(2).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (delta.grad,) = torch.autograd.grad(loss, [delta])  # no parameter gradients: only delta moves here
         opt.step()
     return delta.detach()
 
