@@ -51,18 +51,29 @@ def run(name: str, seed: int, epochs: int, device: str, data: Any, extra: dict[s
             "fit": scenario.attack.fit_report, "params": {k: v for k, v in cfg.attack.items() if k != "name"}}
 
 
-def markdown(rows: list[dict[str, Any]], command: str, meta: dict[str, Any]) -> str:
-    lines = [f"    {command}", "",
-             f"Machine: {meta['machine']}; torch {meta['torch']}, {meta['threads']} thread(s); "
-             f"seed {meta['seed']}; {meta['epochs']} epochs; total {meta['seconds'] / 60:.1f} min.", "",
-             "| attack | clean_acc | asr | robust_acc | poisoned | fit s | train s | non-default parameters |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        params = {**BENCH_PARAMS.get(r["attack"], {}), **meta["extra"].get(r["attack"], {})}
-        changed = ", ".join(f"{k}={v}" for k, v in params.items())
-        lines.append(f"| {r['attack']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']:.1f} | {100 * r['robust_acc']:.1f} | "
-                     f"{r['n_poison']} | {r['prepare_s']} | {r['train_s']} | {changed or '-'} |")
+def markdown(runs: list[dict[str, Any]]) -> str:
+    """One table over the rows of one or more runs (JSON files of this script), each run's command above it."""
+    lines = []
+    for meta in runs:
+        lines += [f"    {meta['command']}", ""]
+    m = runs[0]
+    epochs = ", ".join(sorted({str(r["epochs"]) for r in runs}))
+    walls = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs)
+    lines += [f"Machine: {m['machine']}; torch {m['torch']}; device {m['device']}; seed {m['seed']}; epochs {epochs}; "
+              f"wall time {walls} min (a shared, overloaded machine: wall time is not cost).", "",
+              "| attack | epochs | clean_acc | asr | robust_acc | poisoned | fit s | train s | non-default parameters |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for meta in runs:
+        for r in meta["rows"]:
+            lines.append(_row(r, meta))
     return "\n".join(lines) + "\n"
+
+
+def _row(r: dict[str, Any], meta: dict[str, Any]) -> str:
+    params = {**meta["bench_params"].get(r["attack"], {}), **meta["extra"].get(r["attack"], {})}
+    changed = ", ".join(f"{k}={v}" for k, v in params.items())
+    return (f"| {r['attack']} | {meta['epochs']} | {100 * r['clean_acc']:.1f} | {100 * r['asr']:.1f} | "
+            f"{100 * r['robust_acc']:.1f} | {r['n_poison']} | {r['prepare_s']} | {r['train_s']} | {changed or '-'} |")
 
 
 def main() -> None:
@@ -75,7 +86,14 @@ def main() -> None:
                     help="ATTACK.KEY=VALUE: an extra attack parameter, e.g. --set lc.eps=16 (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attacks_cpu.json"))
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--combine", type=Path, nargs="+", default=None,
+                    help="write --markdown from these JSON results of earlier runs (runs nothing)")
     args = ap.parse_args()
+    if args.combine:
+        import json
+
+        atomic_write_text(args.markdown, markdown([json.loads(f.read_text()) for f in args.combine]))
+        return
     extra: dict[str, dict[str, Any]] = {}
     for item in args.sets:
         import yaml
@@ -97,7 +115,7 @@ def main() -> None:
         print(f"{name}: clean_acc {rows[-1]['clean_acc']:.3f} asr {rows[-1]['asr']:.3f} "
               f"(fit {rows[-1]['prepare_s']} s, train {rows[-1]['train_s']} s) {rows[-1]['fit']}", flush=True)
     if args.markdown:
-        atomic_write_text(args.markdown, markdown(rows, command, meta))
+        atomic_write_text(args.markdown, markdown([{"command": command, **meta, "rows": rows}]))
 
 
 if __name__ == "__main__":
