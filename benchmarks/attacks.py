@@ -55,7 +55,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     """One table over the rows of one or more runs (JSON files of this script), each run's command above it."""
     lines = []
     for meta in runs:
-        lines += [f"    {meta['command']}", ""]
+        lines += [f"    {meta['command']}", ""] + ([f"({meta['note']})", ""] if meta.get("note") else [])
     m = runs[0]
     epochs = ", ".join(sorted({str(r["epochs"]) for r in runs}))
     walls = " + ".join(f"{r['seconds'] / 60:.1f}" for r in runs)
