@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from antidoor.checkpoint import load_checkpoint
-from antidoor.defenses import purify
+from antidoor.defenses import DefenderData, purify
 from antidoor.defenses.sau import SAUParams, shared_adversarial_rate
 from antidoor.metrics import der, predict
 from antidoor.models import frozen_copy
@@ -58,11 +58,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--max-val-drop", type=float, default=0.05)
+    p.add_argument("--extra-clean", type=int, default=0,
+                   help="investigation: add this many clean, never-poisoned training images to the defender's set")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--wait", type=float, default=0, help="minutes to wait for a checkpoint still being trained")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--md", type=Path, default=None)
     return p.parse_args(argv)
+
+
+def with_extra_clean(scenario: Scenario, data: DefenderData, n: int, seed: int) -> DefenderData:
+    """The defender's set plus ``n`` training images that are neither poisoned nor already the defender's."""
+    s = scenario.splits
+    taken = torch.zeros(len(scenario.data.x_train), dtype=torch.bool)
+    for idx in (s.defender_train, s.defender_val, s.poison):
+        taken[idx.cpu()] = True
+    free = (~taken).nonzero().squeeze(1)
+    pick = free[torch.randperm(len(free), generator=torch.Generator().manual_seed(seed))[:n]]
+    x, y = scenario.data.x_train[pick.to(data.device)], scenario.data.y_train[pick.to(data.device)]
+    return DefenderData(torch.cat([data.x, x]), torch.cat([data.y, y]), data.x_val, data.y_val, data.num_classes, data.hflip)
 
 
 def val_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -73,13 +87,15 @@ def one_run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     scenario = Scenario.from_checkpoint(ckpt, device="cpu")
     data = scenario.defender_data()
+    if args.extra_clean:
+        data = with_extra_clean(scenario, data, args.extra_clean, ckpt.meta.get("seed", 0))
     evaluate = scenario.evaluator
     model = ckpt.model.eval()
     seed = ckpt.meta.get("seed", 0)
     before = evaluate(model)
     val_before = val_acc(model, data.x_val, data.y_val)
     f_ref = frozen_copy(model)
-    out: dict[str, Any] = {"checkpoint": str(path), "seed": seed, "defender_images": len(data.x),
+    out: dict[str, Any] = {"checkpoint": str(path), "seed": seed, "extra_clean": args.extra_clean, "defender_images": len(data.x),
                            "validation_images": len(data.x_val), "backdoored": before, "val_clean_acc_backdoored": val_before}
     t0 = time.perf_counter()
     ft = purify(model, data, "ft", seed=seed)
