@@ -13,7 +13,7 @@ perturbation delta, solved round by round. Each of ``rounds`` rounds:
    theta through the inner fixed point ``delta = phi(delta, theta) = delta - inner_lr * grad_delta L_in``,
    ``L_in = -CE(f(x + delta), y) + 0.001 ||delta||^2``::
 
-       v <- grad_delta L_out;  repeat K times: v <- (d phi / d delta)^T v + grad_delta L_out
+       v <- 0;  repeat K times: v <- (d phi / d delta)^T v + grad_delta L_out
        grad_theta = d L_out / d theta + (d phi / d theta)^T v
 
    then one Adam (amsgrad) step on theta.
