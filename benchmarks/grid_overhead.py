@@ -50,7 +50,7 @@ import torch
 
 from antidoor.experiment import STORE_NAME, Store, load_study, plan, run_grid
 from antidoor.experiment.stages import RUNNERS, StageContext
-from antidoor.utils import set_quiet
+from antidoor.utils import atomic_write_json, set_quiet
 
 TINY = {
     "name": "overhead",
@@ -185,8 +185,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     result["load_at_end"] = os.getloadavg()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from antidoor.defenses.sau import SAUParams, shared_adversarial_rate
 from antidoor.metrics import der, predict
 from antidoor.models import frozen_copy
 from antidoor.pipeline import Scenario
+from antidoor.utils import atomic_write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,12 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(attack, []).append(run)
             print(f"  backdoored {run['backdoored']}\n  ft {run['ft']}\n  sau chosen {run['sau_chosen']}", flush=True)
             if args.out is not None:  # after every run, so a long study can be read while it goes
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                                "torch": torch.__version__, "python": platform.python_version(),
-                                                "threads": torch.get_num_threads(),
-                                                "seconds": time.perf_counter() - t_start,
-                                                "command": " ".join([Path(sys.executable).name, *sys.argv])}, indent=2))
+                atomic_write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                             "torch": torch.__version__, "python": platform.python_version(),
+                                             "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t_start,
+                                             "command": " ".join([Path(sys.executable).name, *sys.argv])})
     md = table(results, args)
     print(md)
     if args.md is not None:

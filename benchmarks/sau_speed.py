@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import os
 import platform
 import statistics
@@ -65,7 +64,7 @@ from antidoor.defenses.base import DefenderData, purify
 from antidoor.defenses.sau import SAUParams
 from antidoor.pipeline import Scenario, train_attack
 from antidoor.train import batches
-from antidoor.utils import generator_for, resolve_device
+from antidoor.utils import atomic_write_json, generator_for, resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -468,8 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return 0
 

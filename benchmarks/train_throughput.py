@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
 import platform
@@ -54,7 +53,7 @@ from antidoor.config import DataConfig
 from antidoor.data import Augment, ImageData, load_dataset
 from antidoor.pipeline import Scenario, new_model
 from antidoor.train import BatchHook, TrainConfig, autocast, batches, make_optimizer, make_scheduler, prepare_model, train
-from antidoor.utils import generator_for, resolve_device, seed_everything
+from antidoor.utils import atomic_write_json, generator_for, resolve_device, seed_everything
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -442,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
         print(f"\nwrote {args.out}")
     return 0
 

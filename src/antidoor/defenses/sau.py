@@ -60,6 +60,7 @@ from torch import nn
 
 from antidoor.data.augment import Augment
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.metrics import predict
 from antidoor.models.registry import Classifier, frozen_copy
 from antidoor.train import autocast, batches, prepare_model
 from antidoor.utils import generator_for, progress_bar
@@ -174,16 +175,6 @@ def shared_adversarial_rate(f: nn.Module, f_ref: nn.Module, images: torch.Tensor
     return shared / max(1, len(images))
 
 
-def predictions(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool) -> torch.Tensor:
-    """argmax model(x) for uint8 images, in batches, without autograd."""
-    out = []
-    with torch.no_grad(), autocast(images.device, amp):
-        for x, _, _ in batches(images, images.new_zeros(len(images)), batch_size, torch.Generator(), shuffle=False,
-                               drop_last=False):
-            out.append(model(x).argmax(1))
-    return torch.cat(out)
-
-
 @DEFENSES.register("sau")
 class SAU(Defense):
     name = "sau"
@@ -217,7 +208,7 @@ class SAU(Defense):
         augment = Augment(hflip=data.hflip) if p.augment else None
         # f_ref is frozen and, without augmentation, every image is the same in every round:
         # its clean predictions are computed once for the whole set
-        y0_ref_all = None if augment else predictions(f_ref, data.x, p.batch_size, p.amp)
+        y0_ref_all = None if augment else predict(f_ref, data.x, p.batch_size, p.amp)
         amp = autocast(data.device, p.amp)
         n_batches = -(-len(data.x) // p.batch_size)
         with progress_bar(p.rounds * n_batches, self.name.upper()) as advance:
