@@ -279,13 +279,13 @@ def test_frozen_copy_folds_batchnorm_and_computes_the_same_function(name, bundle
 # ---- method-specific checks of the baseline defenses (small settings, the session's real model) ----
 
 def test_fp_prunes_within_the_validation_budget_and_keeps_channels_pruned(badnets_run, defender):
-    from antidoor.defenses.fp import prune_dormant_channels, val_accuracy
+    from antidoor.defenses.fp import prune_dormant_channels
 
     model = __import__("copy").deepcopy(badnets_run.result.model)
-    base = val_accuracy(model, defender)
+    base = defender.val_accuracy(model)
     mask = prune_dormant_channels(model, defender, prune_step=0.05, acc_ratio=0.2)
     assert 0 < int((mask == 0).sum()) < len(mask)
-    assert val_accuracy(model, defender) >= 0.8 * base
+    assert defender.val_accuracy(model) >= 0.8 * base
     purified = purify(badnets_run.result.model, defender, "fp", seed=0, epochs=2, batch_size=40, prune_step=0.05, acc_ratio=0.2)
     dead = purified.backbone.head.weight[:, mask == 0]
     assert torch.count_nonzero(dead) == 0, "pruned channels came back during fine-tuning"

@@ -163,6 +163,11 @@ def test_grid_records_every_stage_and_the_failure(inline_study: Path) -> None:
     ckpt = load_checkpoint(ckpt_path)
     scenario = scenario_of(ckpt, TINY["datasets"][0], 0, "cpu")
     assert scenario.evaluator(ckpt.model)["asr"] == pytest.approx(by_defense["ft#1"]["asr"], abs=0)
+    # the defender's validation accuracy is recorded beside the test metrics (settings may be chosen with it)
+    defender = scenario.defender_data()
+    assert by_defense["ft#1"]["val_clean_acc"] == pytest.approx(defender.val_accuracy(ckpt.model), abs=0)
+    n_correct = len(defender.x_val) * by_defense["ft#1"]["val_clean_acc"]
+    assert n_correct == pytest.approx(round(n_correct), abs=1e-4)  # a share of the validation images, not the test's
 
 
 def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, tmp_path: Path) -> None:
@@ -394,5 +399,5 @@ def test_grid_stress_stages_record_p_asr_and_curves_then_report_them(inline_stud
     res = run_cli("results", folder, "--format", "csv", "--mean")
     assert res.returncode == 0, res.stderr
     header = res.stdout.splitlines()[0].split(",")
-    assert header[4:13] == ["clean_acc", "asr", "robust_acc", "der", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified",
-                            "qra_asr_clean"]
+    assert header[4:14] == ["clean_acc", "asr", "robust_acc", "der", "val_clean_acc", "p_asr", "p_asr_std", "p_clean_acc",
+                            "qra_asr_purified", "qra_asr_clean"]

@@ -133,6 +133,34 @@ def test_atomic_write_keeps_old_file_when_serialisation_fails(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_atomic_write_gives_the_permissions_open_would_and_keeps_an_existing_files(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        utils._NEW_FILE_MODE, saved = 0o644, utils._NEW_FILE_MODE  # the umask-derived mode, as read at import
+        utils.atomic_write_json(fresh, {"a": 1})
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # not mkstemp's private 0600
+        private = tmp_path / "private.json"
+        private.write_text("{}")
+        private.chmod(0o600)
+        utils.atomic_write_json(private, {"b": 2})
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    finally:
+        utils._NEW_FILE_MODE = saved
+        os.umask(mask)
+
+
+def test_new_file_mode_follows_the_umask() -> None:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert utils._NEW_FILE_MODE == 0o666 & ~mask
+
+
 def test_quiet_silences_info_but_not_warnings(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         utils.set_quiet(True)

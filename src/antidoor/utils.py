@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import random
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -102,12 +103,30 @@ def progress_bar(total: int, description: str) -> Iterator[Any]:
         yield advance
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; read once, at import (single-threaded)
+    os.umask(mask)
+    return mask
+
+
+_NEW_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
+    """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file.
+
+    The file gets the permissions ``open()`` would give it (an existing file keeps its own), not
+    the private 0600 of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = _NEW_FILE_MODE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -41,7 +41,6 @@ from torch import nn
 
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.errors import AntidoorError
-from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.train import autocast, batches, prepare_model
 from antidoor.utils import generator_for, info, progress_bar
@@ -168,16 +167,13 @@ class ANP(Defense):
         """The largest grid threshold whose pruned model keeps (1 - acc_ratio) of the validation accuracy."""
         p = self.params
 
-        def val_acc() -> float:
-            return (predict(model, data.x_val) == data.y_val).float().mean().item()
-
-        floor = (1 - p.acc_ratio) * val_acc()
+        floor = (1 - p.acc_ratio) * data.val_accuracy(model)
         n = math.floor(p.prune_max / p.prune_step + 1e-9)
         best = 0.0
         for i in range(1, n + 1):
             t = round(i * p.prune_step, 10)
             prune(model, mask, t, original)
-            if val_acc() >= floor:
+            if data.val_accuracy(model) >= floor:
                 best = t
         prune(model, mask, 0.0, original)  # back to the unpruned weights
         return best

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from antidoor.errors import AntidoorError, validate_params
+from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.registry import Registry
 from antidoor.utils import resolve_device
@@ -51,6 +52,11 @@ class DefenderData:
     @property
     def device(self) -> torch.device:
         return self.x.device
+
+    @torch.no_grad()
+    def val_accuracy(self, model: torch.nn.Module) -> float:
+        """The model's accuracy on the defender's own validation images (what a defense may choose with)."""
+        return (predict(model, self.x_val) == self.y_val.to(next(model.parameters()).device)).float().mean().item()
 
     def without_oracle(self) -> DefenderData:
         return DefenderData(self.x, self.y, self.x_val, self.y_val, self.num_classes, self.hflip)

@@ -37,7 +37,6 @@ from pydantic import Field
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense
 from antidoor.defenses.finetune import FineTuneParams
 from antidoor.defenses.tuning import tune
-from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.train import prepare_model
 
@@ -62,11 +61,6 @@ def mean_activations(model: Classifier, images: torch.Tensor, batch_size: int = 
 
 
 @torch.no_grad()
-def val_accuracy(model: Classifier, data: DefenderData) -> float:
-    return (predict(model, data.x_val) == data.y_val).float().mean().item()
-
-
-@torch.no_grad()
 def prune_dormant_channels(model: Classifier, data: DefenderData, prune_step: float, acc_ratio: float) -> torch.Tensor:
     """Steps 1-2: the channel mask (1 kept, 0 pruned), applied to ``head.weight`` in place."""
     head = model.backbone.head
@@ -74,13 +68,13 @@ def prune_dormant_channels(model: Classifier, data: DefenderData, prune_step: fl
     order = mean_activations(model, data.x).argsort()
     n = len(order)
     per_step = math.ceil(prune_step * n)
-    floor = (1 - acc_ratio) * val_accuracy(model, data)
+    floor = (1 - acc_ratio) * data.val_accuracy(model)
     mask = torch.ones(n, device=weight.device)
     for k in range(per_step, n, per_step):  # never all of them: the head would output its bias only
         trial = torch.ones_like(mask)
         trial[order[:k]] = 0
         head.weight.copy_(weight * trial)
-        if val_accuracy(model, data) < floor:
+        if data.val_accuracy(model) < floor:
             break
         mask = trial
     head.weight.copy_(weight * mask)

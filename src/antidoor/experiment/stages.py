@@ -221,9 +221,11 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
         for k, v in scenario.evaluator(model).items():
             curves.append(Metric("purify", f"curve.{k}", float(v), step=step))
 
-    purified = purify(backdoored, scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned), name, seed=up["seed"],
-                      monitor=monitor if stage.config["curves"] else None, **params)
+    defender = scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
+    purified = purify(backdoored, defender, name, seed=up["seed"], monitor=monitor if stage.config["curves"] else None, **params)
     after = scenario.evaluator(purified)
+    # the defender's own validation accuracy, beside the test metrics: what a study may choose settings with
+    after["val_clean_acc"] = defender.val_accuracy(purified)
     if "asr" in before:
         after["der"] = der(before, after)
     meta = {**{k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")},

@@ -19,8 +19,10 @@ from typing import Any
 from antidoor.experiment.store import Store
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
-# the standard four, then the stress suite's (when the study has a stress section); the rest follow alphabetically
-FIRST = ["clean_acc", "asr", "robust_acc", "der", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified", "qra_asr_clean"]
+# the standard four, the defender's validation accuracy, then the stress suite's (when the study has a stress
+# section); the rest follow alphabetically
+FIRST = ["clean_acc", "asr", "robust_acc", "der", "val_clean_acc", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified",
+         "qra_asr_clean"]
 FORMATS = ("table", "csv", "markdown", "json")
 # the model a metric belongs to, by the metrics' stage column; other stages belong to the run's defense
 ROLE = {"attack": "none", "reference": "clean", "clean": "clean"}
