@@ -201,8 +201,8 @@ def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
 
 
 def test_unknown_defense_lists_the_available_ones(badnets_run, defender):
-    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, bti-dbf, ep, fp, fst, ft, ft-pam, ftsam, "
-                                            "ibau, nad, pam, sau, sau-pam"):
+    with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, bti-dbf, ep, fp, fst, ft, ft-pam, ft-sam, "
+                                            "i-bau, nad, pam, sau, sau-pam"):
         purify(badnets_run.result.model, defender, "nope")
 
 
@@ -365,8 +365,8 @@ def test_fst_reinitialises_the_head_and_keeps_its_norm(badnets_run, defender):
 
 
 def test_ftsam_uses_sam_and_is_deterministic(badnets_run, defender):
-    a = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40)
-    b = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40)
-    c = purify(badnets_run.result.model, defender, "ftsam", seed=1, epochs=1, batch_size=40, rho=0.0)
+    a = purify(badnets_run.result.model, defender, "ft-sam", seed=1, epochs=1, batch_size=40)
+    b = purify(badnets_run.result.model, defender, "ft-sam", seed=1, epochs=1, batch_size=40)
+    c = purify(badnets_run.result.model, defender, "ft-sam", seed=1, epochs=1, batch_size=40, rho=0.0)
     assert _same_weights(a, b)
     assert not _same_weights(a, c)

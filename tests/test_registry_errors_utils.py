@@ -43,6 +43,24 @@ def test_registry_refuses_duplicates() -> None:
         reg.register("x")(object)
 
 
+def test_registry_aliases_resolve_to_the_current_name_and_are_not_listed() -> None:
+    reg: Registry[object] = Registry("widget")
+    new = reg.register("ft-sam", aliases=("ftsam",))(object)
+    assert reg.get("ftsam") is new and reg.canonical("ftsam") == "ft-sam" and reg.canonical("ft-sam") == "ft-sam"
+    assert "ftsam" in reg and reg.names() == ["ft-sam"] and len(reg) == 1
+    with pytest.raises(KeyError, match="'ftsam' is registered twice"):
+        reg.register("ftsam")(object)
+    with pytest.raises(KeyError, match="'ft-sam' is registered twice"):
+        reg.register("other", aliases=("ft-sam",))(object)
+
+
+def test_defenses_renamed_with_a_dash_keep_their_old_names() -> None:
+    from antidoor.defenses import DEFENSES
+
+    assert DEFENSES.get("ftsam") is DEFENSES.get("ft-sam") and DEFENSES.get("ftsam").name == "ft-sam"
+    assert DEFENSES.get("ibau") is DEFENSES.get("i-bau") and DEFENSES.get("ibau").name == "i-bau"
+
+
 def test_registry_unknown_name_lists_available() -> None:
     reg: Registry[object] = Registry("widget")
     reg.register("alpha")(object)

@@ -21,19 +21,26 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}  # old name -> current name, so stored configs and studies keep working
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, aliases: tuple[str, ...] = ()) -> Callable[[T], T]:
         def add(obj: T) -> T:
-            if name in self._entries:
-                raise KeyError(f"{self.kind} {name!r} is registered twice")
+            for n in (name, *aliases):
+                if n in self._entries or n in self._aliases:
+                    raise KeyError(f"{self.kind} {n!r} is registered twice")
             self._entries[name] = obj
+            self._aliases.update(dict.fromkeys(aliases, name))
             return obj
 
         return add
 
+    def canonical(self, name: str) -> str:
+        """The registered name for ``name`` (itself, or the current name of an alias)."""
+        return self._aliases.get(name, name)
+
     def get(self, name: str) -> T:
         try:
-            return self._entries[name]
+            return self._entries[self.canonical(name)]
         except KeyError:
             raise AntidoorError(
                 f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
@@ -43,7 +50,7 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -40,9 +40,9 @@ class FTSAMParams(FineTuneParams):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
-@DEFENSES.register("ftsam")
+@DEFENSES.register("ft-sam", aliases=("ftsam",))
 class FTSAM(Defense):
-    name = "ftsam"
+    name = "ft-sam"
     Params = FTSAMParams
     params: FTSAMParams
 

@@ -108,9 +108,9 @@ def _sum(a: torch.Tensor | None, b: torch.Tensor | None, like: torch.Tensor) -> 
     return a if b is None else a + b
 
 
-@DEFENSES.register("ibau")
+@DEFENSES.register("i-bau", aliases=("ibau",))
 class IBAU(Defense):
-    name = "ibau"
+    name = "i-bau"
     Params = IBAUParams
     params: IBAUParams
 
