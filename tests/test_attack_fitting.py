@@ -222,6 +222,16 @@ def test_input_aware_stamp_and_cross_samples_keep_labels(fitted: dict, bundled: 
     assert torch.equal(py[~poison], y[~poison]) and (py[poison] == TARGET).all()
 
 
+def test_input_aware_diversity_has_a_finite_gradient_where_two_patterns_are_equal() -> None:
+    from antidoor.attacks.input_aware import _diversity
+
+    x1, x2 = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+    same = torch.full((2, 3, 8, 8), 0.5, requires_grad=True)  # a collapsed G: every image gets one pattern
+    loss = _diversity(x1, x2, same, same.detach().clone())
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(same.grad).all()  # sqrt(0) alone would give a NaN gradient
+
+
 # --- SSBA-style -------------------------------------------------------------------------------
 
 

@@ -200,6 +200,12 @@ def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
         purify(badnets_run.result.model, defender, "sau", batch_size=999)
 
 
+@pytest.mark.parametrize("name", ["ft", "ft-sam", "ft-pam"])
+def test_a_diverging_fine_tune_stops_with_a_clear_error(badnets_run, defender, name):
+    with pytest.raises(AntidoorError, match=r"epoch 1 of 2: the loss became (nan|inf).*learning rate \(now 1e\+30\)"):
+        purify(badnets_run.result.model, defender, name, epochs=2, lr=1e30, schedule="constant", batch_size=40)
+
+
 def test_unknown_defense_lists_the_available_ones(badnets_run, defender):
     with pytest.raises(AntidoorError, match="unknown defense 'nope'; available: anp, bti-dbf, ep, fp, fst, ft, ft-pam, ft-sam, "
                                             "i-bau, nad, pam, sau, sau-pam"):

@@ -149,6 +149,13 @@ def test_train_history_and_mode(images: tuple) -> None:
     assert not model.training
 
 
+def test_a_diverging_run_stops_with_a_clear_error(images: tuple) -> None:
+    from antidoor.errors import AntidoorError
+
+    with pytest.raises(AntidoorError, match=r"epoch \d+ of 3: the loss became (nan|inf).*lower the learning rate \(now 1e\+30\)"):
+        _train(images, epochs=3, lr=1e30, schedule="constant")
+
+
 def test_train_learns_on_real_images(images: tuple) -> None:
     """Without augmentation a small model fits 200 real images better and better.
 

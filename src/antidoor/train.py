@@ -7,6 +7,7 @@ through :func:`batches` for its data and, for plain supervised training, :func:`
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from antidoor.data.augment import Augment
+from antidoor.errors import AntidoorError
 from antidoor.utils import generator_for, progress_bar
 
 # (x float [0,1] on device, y, indices into the source tensor, generator) -> (x, y)
@@ -101,6 +103,15 @@ def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
 
 
+def ensure_finite(loss: float, where: str, hint: str) -> None:
+    """Stop a diverged run with a clear error instead of going on with (and saving) NaN weights.
+
+    Called once per epoch with the epoch's summed loss, so it costs no extra device sync per step.
+    """
+    if not math.isfinite(loss):
+        raise AntidoorError(f"{where}: the loss became {loss} (training diverged); {hint}")
+
+
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, *,
           seed: int = 0, hflip: bool = True, before_augment: BatchHook | None = None,
           after_augment: BatchHook | None = None, description: str = "train",
@@ -140,6 +151,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
             stats = {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
                      "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             stats["images_per_s"] = seen / stats["seconds"]
+            ensure_finite(stats["loss"], f"{description or 'training'}, epoch {epoch + 1} of {cfg.epochs}",
+                          f"lower the learning rate (now {cfg.lr})")
             history.append(stats)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, stats)

@@ -14,7 +14,10 @@ stage 1 trains M alone for ``mask_epochs`` = 25 with lambda_norm = 100 * relu(me
 on CE + ``lambda_div`` = 1 times G's diversity loss, with ``joint_ratio`` = 0.1 of each batch
 backdoor samples and as many cross samples (``cross_ratio`` = 1), after crop and flip.
 
-Deviations: BackdoorBench trains G with the final classifier in one run. Here G and M are fitted
+Deviations: the diversity loss takes the root of the pattern distance plus 1e-12 (BackdoorBench's
+has a NaN gradient wherever two patterns are identical, which a long fit reaches: it then silently
+turns G, the classifier and the victim into NaN); and every epoch of the fit checks that its loss is
+finite, stopping with an error otherwise. BackdoorBench trains G with the final classifier in one run. Here G and M are fitted
 once, in :meth:`InputAware.fit`, jointly with the attacker's own surrogate classifier
 (``surrogate_*``; 10 epochs by default instead of 100, cosine schedules instead of step ones) and
 then frozen: the victim is trained like every other victim, on batches where the ``pratio``
@@ -41,7 +44,7 @@ from antidoor.attacks.surrogate import (
     tensors_of,
 )
 from antidoor.data.augment import Augment
-from antidoor.train import batches, make_optimizer, make_scheduler, steps_per_epoch
+from antidoor.train import batches, ensure_finite, make_optimizer, make_scheduler, steps_per_epoch
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -62,7 +65,9 @@ def _sharpen(m: torch.Tensor) -> torch.Tensor:
 
 def _diversity(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
     d_in = (x1 - x2).pow(2).flatten(1).mean(1).sqrt()
-    d_out = (out1 - out2).pow(2).flatten(1).mean(1).sqrt()
+    # + 1e-12 inside the root: where two outputs are identical (a saturated sigmoid or tanh does that
+    # exactly in float32) the gradient of sqrt at 0 is 0/0 = NaN, which poisons G and then the classifier
+    d_out = (out1 - out2).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
     return (d_in / (d_out + 1e-6)).mean()
 
 
@@ -127,8 +132,10 @@ class InputAware(Attack):
 
         # stage 1: the mask net alone
         opt_m, sched_m = adam(M.parameters(), p.mask_epochs)
+        hint = f"lower attack.generator_lr (now {p.generator_lr}) or attack.surrogate_lr (now {p.surrogate_lr})"
         with progress_bar(p.mask_epochs * per_epoch, "attack: input-aware mask net") as advance:
-            for _ in range(p.mask_epochs):
+            for epoch in range(p.mask_epochs):
+                total = torch.zeros((), device=device)
                 for x, _, _ in batches(data.x, data.y, cfg.batch_size, rng, augment=augment, channels_last=False):
                     x2 = x.roll(1, 0)
                     m1, m2 = _sharpen(M(x)), _sharpen(M(x2))
@@ -137,7 +144,9 @@ class InputAware(Attack):
                     loss.backward()
                     opt_m.step()
                     sched_m.step()
+                    total += loss.detach()
                     advance(1)
+                ensure_finite(total.item(), f"input_aware mask net, epoch {epoch + 1} of {p.mask_epochs}", hint)
         M.eval().requires_grad_(False)
 
         # stage 2: the generator jointly with a classifier
@@ -146,7 +155,8 @@ class InputAware(Attack):
         sched_c = make_scheduler(opt_c, cfg, cfg.epochs * per_epoch)
         opt_g, sched_g = adam(G.parameters(), cfg.epochs)
         with progress_bar(cfg.epochs * per_epoch, "attack: input-aware generator") as advance:
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
+                total = torch.zeros((), device=device)
                 for x, y, _ in batches(data.x, data.y, cfg.batch_size, rng, augment=augment, channels_last=False):
                     n_bd = max(1, round(p.joint_ratio * len(x)))
                     n_cross = min(round(p.cross_ratio * n_bd), len(x) - n_bd)
@@ -168,7 +178,9 @@ class InputAware(Attack):
                     opt_g.step()
                     sched_c.step()
                     sched_g.step()
+                    total += loss.detach()
                     advance(1)
+                ensure_finite(total.item(), f"input_aware generator, epoch {epoch + 1} of {cfg.epochs}", hint)
         G.eval()
         C.eval()
         fitted = {**tensors_of(G, "generator"), **tensors_of(M, "mask")}

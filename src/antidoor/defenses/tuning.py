@@ -18,7 +18,16 @@ from torch import nn
 
 from antidoor.data.augment import Augment
 from antidoor.defenses.base import DefenderData
-from antidoor.train import TrainConfig, autocast, batches, make_optimizer, make_scheduler, prepare_model, steps_per_epoch
+from antidoor.train import (
+    TrainConfig,
+    autocast,
+    batches,
+    ensure_finite,
+    make_optimizer,
+    make_scheduler,
+    prepare_model,
+    steps_per_epoch,
+)
 from antidoor.utils import generator_for, progress_bar
 
 # (model, x float [0, 1], y) -> scalar loss
@@ -61,6 +70,7 @@ def tune(model: nn.Module, data: DefenderData, cfg: TrainConfig, *, seed: int, l
     model.train()
     with progress_bar(cfg.epochs * per_epoch, description) as advance:
         for epoch in range(cfg.epochs):
+            total = torch.zeros((), device=device)
             for x, y, _ in batches(data.x, data.y, cfg.batch_size, g, drop_last=cfg.drop_last, augment=augment,
                                    channels_last=cfg.channels_last):
                 calls = 0
@@ -74,11 +84,15 @@ def tune(model: nn.Module, data: DefenderData, cfg: TrainConfig, *, seed: int, l
                     loss.backward()
                     return loss
 
-                optimizer.step(closure)
+                loss = optimizer.step(closure)
+                if loss is not None:
+                    total += loss.detach().float()
                 scheduler.step()
                 if after_step is not None:
                     after_step()
                 advance(1, epoch=epoch + 1)
+            ensure_finite(total.item(), f"{description}, epoch {epoch + 1} of {cfg.epochs}",
+                          f"lower the defense's learning rate (now {cfg.lr})")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1)
     model.eval()
