@@ -55,55 +55,44 @@ def _panel_key(r: dict[str, Any]) -> str:
     return f"{r['attack']} on {r['dataset']} ({r['model']})"
 
 
-def defenses_compared(agg: list[dict[str, Any]]) -> bytes | None:
-    """Grouped bars of clean_acc and asr per model (aggregated rows from ``tables.aggregate``)."""
+def _grouped_bars(agg: list[dict[str, Any]], present: str, bars: tuple[tuple[str, str, str], ...], title: str) -> bytes | None:
+    """A panel per (dataset, model, attack) of the rows that have ``present``; per row, one bar per
+    ``(metric, label, color)`` of ``bars`` (mean, error bar: its ``_sd``)."""
     panels: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in agg:
-        if r.get("clean_acc") is not None:
+        if r.get(present) is not None:
             panels[_panel_key(r)].append(r)
     if not panels:
         return None
     keys = list(panels)[:MAX_PANELS]
     fig, axes = _grid(len(keys))
+    width = 0.8 / len(bars)
     for ax, key in zip(axes, keys, strict=True):
         rows = panels[key]
         xs = range(len(rows))
-        for offset, metric, color in ((-0.2, "clean_acc", "#4477aa"), (0.2, "asr", "#cc3311")):
-            vals = [r.get(metric) or 0.0 for r in rows]
-            errs = [r.get(f"{metric}_sd") or 0.0 for r in rows]
-            ax.bar([x + offset for x in xs], vals, 0.4, yerr=errs, label=metric, color=color, capsize=2)
-        ax.set_xticks(list(xs), [str(r["defense"]) for r in rows], rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(key, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("defenses compared (mean over seeds; error bars: sd)", y=1.02)
-    return _png(fig)
-
-
-def asr_after_retuning(agg: list[dict[str, Any]]) -> bytes | None:
-    """o_asr (right after purification) against p_asr (after the retuning attack), when recorded."""
-    panels: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in agg:
-        if r.get("p_asr") is not None:
-            panels[_panel_key(r)].append(r)
-    if not panels:
-        return None
-    keys = list(panels)[:MAX_PANELS]
-    fig, axes = _grid(len(keys))
-    for ax, key in zip(axes, keys, strict=True):
-        rows = panels[key]
-        xs = range(len(rows))
-        for offset, metric, label, color in ((-0.2, "asr", "o_asr", "#ee7733"), (0.2, "p_asr", "p_asr", "#aa3377")):
-            ax.bar([x + offset for x in xs], [r.get(metric) or 0.0 for r in rows], 0.4,
+        for i, (metric, label, color) in enumerate(bars):
+            offset = (i - (len(bars) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], [r.get(metric) or 0.0 for r in rows], width,
                    yerr=[r.get(f"{metric}_sd") or 0.0 for r in rows], label=label, color=color, capsize=2)
         ax.set_xticks(list(xs), [str(r["defense"]) for r in rows], rotation=30, ha="right")
         ax.set_ylim(0, 1)
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("asr after retuning: o_asr (after purification) vs p_asr (after the retuning attack)", y=1.02)
+    fig.suptitle(title, y=1.02)
     return _png(fig)
+
+
+def defenses_compared(agg: list[dict[str, Any]]) -> bytes | None:
+    """Grouped bars of clean_acc and asr per model (aggregated rows from ``tables.aggregate``)."""
+    return _grouped_bars(agg, "clean_acc", (("clean_acc", "clean_acc", "#4477aa"), ("asr", "asr", "#cc3311")),
+                         "defenses compared (mean over seeds; error bars: sd)")
+
+
+def asr_after_retuning(agg: list[dict[str, Any]]) -> bytes | None:
+    """o_asr (right after purification) against p_asr (after the retuning attack), when recorded."""
+    return _grouped_bars(agg, "p_asr", (("asr", "o_asr", "#ee7733"), ("p_asr", "p_asr", "#aa3377")),
+                         "asr after retuning: o_asr (after purification) vs p_asr (after the retuning attack)")
 
 
 def curves(points: list[dict[str, Any]], skip: tuple[str, ...] = ("train",)) -> dict[str, bytes]:
@@ -112,7 +101,7 @@ def curves(points: list[dict[str, Any]], skip: tuple[str, ...] = ("train",)) -> 
     for p in points:
         if p["family"] in skip or p["value"] is None:
             continue
-        panel = (p["metric"], f"{p['attack']} on {p['dataset']} ({p['model']})")
+        panel = (p["metric"], _panel_key(p))
         families[p["family"]][(panel, p["defense"])][p["step"]].append(p["value"])
     out = {}
     for family, lines in families.items():
