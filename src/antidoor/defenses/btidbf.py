@@ -82,7 +82,7 @@ from antidoor.data.augment import Augment
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.defenses.tuning import LossFn, tune
 from antidoor.models.registry import Classifier
-from antidoor.train import TrainConfig, autocast, batches, make_optimizer, prepare_model
+from antidoor.train import TrainConfig, autocast, batches, make_optimizer, prepare_model, steps_per_epoch
 from antidoor.utils import generator_for, info, progress_bar
 
 
@@ -174,11 +174,21 @@ class UNetGenerator(nn.Module):
         return torch.sigmoid(self.out(z))[..., :h, :w]
 
 
-def _epochs(data: DefenderData, p: BTIDBFParams, epochs: int, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _epochs(data: DefenderData, p: BTIDBFParams, epochs: int, g: torch.Generator,
+            description: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``epochs`` passes over the defender's clean images (crop/flip with ``p.augment``), with a progress bar."""
     augment = Augment(hflip=data.hflip) if p.augment else None
-    for _ in range(epochs):
-        for x, y, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment, channels_last=False):
-            yield x, y
+    with progress_bar(epochs * steps_per_epoch(len(data.x), p.batch_size, drop_last=False), description) as advance:
+        for _ in range(epochs):
+            for x, y, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment, channels_last=False):
+                yield x, y
+                advance(1)
+
+
+def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData, p: BTIDBFParams, g: torch.Generator) -> None:
@@ -189,21 +199,17 @@ def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData
     gen.train()
     split = FeatureSplit(model)
     amp = autocast(data.device, p.amp)
-    with progress_bar(p.pretrain_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: pretrain G") as advance:
-        for x, _ in _epochs(data, p, p.pretrain_epochs, g):
-            with amp:
-                with torch.no_grad():
-                    feat = split.features(x).float()
-                    probs = split.logits(feat).float().softmax(1)
-                gx = gen(x).float()
-                feat_g = split.features(gx).float()
-                pixel = F.mse_loss(gx, x)
-                loss = (F.cross_entropy(split.logits(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
-                        + torch.where(pixel > 0.1, 100.0, 0.01) * pixel)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            advance(1)
+    for x, _ in _epochs(data, p, p.pretrain_epochs, g, "BTI-DBF: pretrain G"):
+        with amp:
+            with torch.no_grad():
+                feat = split.features(x).float()
+                probs = split.logits(feat).float().softmax(1)
+            gx = gen(x).float()
+            feat_g = split.features(gx).float()
+            pixel = F.mse_loss(gx, x)
+            loss = (F.cross_entropy(split.logits(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
+                    + torch.where(pixel > 0.1, 100.0, 0.01) * pixel)
+        _descend(opt, loss)
 
 
 def train_feature_mask(model: Classifier, data: DefenderData, p: BTIDBFParams, g: torch.Generator) -> torch.Tensor:
@@ -214,16 +220,11 @@ def train_feature_mask(model: Classifier, data: DefenderData, p: BTIDBFParams, g
     logit = torch.randn(shape, device=data.device, generator=g).requires_grad_(True)
     opt = torch.optim.Adam([logit], lr=p.mask_lr)
     amp = autocast(data.device, p.amp)
-    with progress_bar(p.mask_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: feature mask") as advance:
-        for x, y in _epochs(data, p, p.mask_epochs, g):
-            with torch.no_grad(), amp:
-                feat = split.features(x).float()  # the model is fixed here: only the mask learns
-            m = torch.tanh(logit) / 2 + 0.5
-            loss = F.cross_entropy(split.logits(m * feat), y) - F.cross_entropy(split.logits((1 - m) * feat), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            advance(1)
+    for x, y in _epochs(data, p, p.mask_epochs, g, "BTI-DBF: feature mask"):
+        with torch.no_grad(), amp:
+            feat = split.features(x).float()  # the model is fixed here: only the mask learns
+        m = torch.tanh(logit) / 2 + 0.5
+        _descend(opt, F.cross_entropy(split.logits(m * feat), y) - F.cross_entropy(split.logits((1 - m) * feat), y))
     return (torch.tanh(logit) / 2 + 0.5).detach()
 
 
@@ -234,24 +235,20 @@ def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Class
     gen.train()
     split = FeatureSplit(model)
     amp = autocast(data.device, p.amp)
-    with progress_bar(p.generator_epochs * -(-len(data.x) // p.batch_size), "BTI-DBF: generator") as advance:
-        for x, y in _epochs(data, p, p.generator_epochs, g):
-            with amp:
-                with torch.no_grad():
-                    feat = split.features(x).float()
-                gx = gen(x).float()
-                feat_g = split.features(gx).float()
-                benign = F.mse_loss(mask * feat_g, mask * feat)
-                backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
-                pixel = F.mse_loss(gx, x)
-                # the switch without a host round trip: the gradient flows through the chosen branch only
-                loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
-                if target is not None:
-                    loss = loss + F.cross_entropy(split.logits(feat_g).float(), torch.full_like(y, target))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            advance(1)
+    for x, y in _epochs(data, p, p.generator_epochs, g, "BTI-DBF: generator"):
+        with amp:
+            with torch.no_grad():
+                feat = split.features(x).float()
+            gx = gen(x).float()
+            feat_g = split.features(gx).float()
+            benign = F.mse_loss(mask * feat_g, mask * feat)
+            backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
+            pixel = F.mse_loss(gx, x)
+            # the switch without a host round trip: the gradient flows through the chosen branch only
+            loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
+            if target is not None:
+                loss = loss + F.cross_entropy(split.logits(feat_g).float(), torch.full_like(y, target))
+        _descend(opt, loss)
 
 
 @torch.no_grad()
@@ -325,8 +322,9 @@ class BTIDBF(Defense):
             mixed = torch.cat([gx, x[k:]]).contiguous(memory_format=torch.channels_last)
             if p.feature_weight == 0:
                 return F.cross_entropy(model(mixed), y)
-            feats = FeatureSplit(model).features(torch.cat([mixed, x[:k]]))
-            loss = F.cross_entropy(FeatureSplit(model).logits(feats[:len(x)]), y)
+            split = FeatureSplit(model)
+            feats = split.features(torch.cat([mixed, x[:k]]))
+            loss = F.cross_entropy(split.logits(feats[:len(x)]), y)
             feature_mse = (feats[:k] - feats[len(x):]).pow(2).sum() / feats[:len(x)].numel()
             return loss + p.feature_weight * feature_mse
 
