@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from antidoor.checkpoint import load_checkpoint
 from antidoor.metrics import predict
 from antidoor.pipeline import Scenario
@@ -33,7 +31,7 @@ def measure(path: Path, device: str = "cpu") -> dict[str, float]:
     model, attack = ckpt.model.to(scenario.device), scenario.attack
     x = scenario.data.x_train[scenario.splits.poison]
     x = x[scenario.data.y_train[scenario.splits.poison] != attack.target]
-    triggered = attack.apply(x.float().div(255)).mul(255).round().to(torch.uint8)
+    triggered = attack.apply_uint8(x)
     test = scenario.evaluator(model)
     return {"poisoned_images": len(x),
             "train_asr": (predict(model, triggered) == attack.target).float().mean().item(),

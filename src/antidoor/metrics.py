@@ -51,9 +51,8 @@ class Evaluator:
                 raise AntidoorError(f"every test image belongs to the target class {self.attack.target}, "
                                     "so asr cannot be measured; use test data with other classes")
             self.y_bd = y_test[keep]
-            xs = [self.attack.apply(x_test[keep][i:i + batch_size].float().div_(255)).mul_(255).round_().to(torch.uint8)
-                  for i in range(0, int(keep.sum()), batch_size)]
-            self.x_bd = torch.cat(xs)
+            kept = x_test[keep]
+            self.x_bd = torch.cat([self.attack.apply_uint8(kept[i:i + batch_size]) for i in range(0, len(kept), batch_size)])
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         result = {"clean_acc": (predict(model, self.x, self.batch_size) == self.y.to(_device(model))).float().mean().item()}

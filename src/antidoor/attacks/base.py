@@ -153,6 +153,10 @@ class Attack:
         """The triggered batch, rounded to 8-bit levels like an image file would be."""
         return quantize(self.stamp(x))
 
+    def apply_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` on uint8 images, returned as uint8: the poisoned image as it would be stored."""
+        return self.apply(x.float().div(255)).mul_(255).round_().to(torch.uint8)
+
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger itself, in float pixel space (subclasses implement this)."""
         raise NotImplementedError

@@ -187,7 +187,7 @@ class InputAware(Attack):
         self.tensors = {**self.tensors, **fitted}  # so stamp() below uses the fitted nets
         others = data.x[data.y != self.target][:500]
         with torch.no_grad():
-            triggered = self.apply(others.float().div(255)).mul(255).round().to(torch.uint8)
+            triggered = self.apply_uint8(others)
             pattern, mask = self.pattern_and_mask(others.float().div(255))
         # pattern_spread: how much G's pattern varies between images (std across images, mean over pixels)
         self.fit_report = {"surrogate_acc": accuracy(C, data.x, data.y),

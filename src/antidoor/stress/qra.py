@@ -118,7 +118,7 @@ def make_qra_data(x_train: torch.Tensor, y_train: torch.Tensor, attack: Attack, 
         raise AntidoorError(f"qra.n_clean {n_clean}: only {len(clean_pool)} unused clean training images remain; "
                             f"allowed: 0..{len(clean_pool)}")
     clean_idx = clean_pool[torch.randperm(len(clean_pool), generator=g)[:n_clean]]
-    px = attack.apply(x_train[poison_idx.to(dev)].float().div_(255)).mul_(255).round_().to(torch.uint8)
+    px = attack.apply_uint8(x_train[poison_idx.to(dev)])
     x = torch.cat([x_train[clean_idx.to(dev)], px])
     y = torch.cat([y_train[clean_idx.to(dev)], y_train[poison_idx.to(dev)]])
     poisoned = torch.cat([torch.zeros(n_clean, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)]).to(dev)

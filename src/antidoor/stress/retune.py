@@ -108,7 +108,7 @@ def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tens
         raise AntidoorError(f"ra.n_poison {n_poison} asks for more poisoned samples than the {len(candidates)} available "
                             f"({source}); allowed: 0..{len(candidates)}")
     chosen = candidates[torch.randperm(len(candidates), generator=g)[:n_poison]].to(poison_pool.device)
-    px = attack.apply(poison_pool[chosen].to(dev).float().div_(255)).mul_(255).round_().to(torch.uint8)
+    px = attack.apply_uint8(poison_pool[chosen].to(dev))
     py = torch.full((n_poison,), attack.target, dtype=torch.int64, device=dev)
     return RAData(torch.cat([clean_x[pick], px]), torch.cat([clean_y[pick], py]), n_poison, attack.target,
                   defender.hflip, source)
