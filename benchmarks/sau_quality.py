@@ -40,7 +40,7 @@ from torch import nn
 from antidoor.checkpoint import load_checkpoint
 from antidoor.defenses import DefenderData, purify
 from antidoor.defenses.sau import SAUParams, shared_adversarial_rate
-from antidoor.metrics import der, predict
+from antidoor.metrics import der
 from antidoor.models import frozen_copy
 from antidoor.pipeline import Scenario
 from antidoor.utils import atomic_write_json
@@ -80,10 +80,6 @@ def with_extra_clean(scenario: Scenario, data: DefenderData, n: int, seed: int) 
     return DefenderData(torch.cat([data.x, x]), torch.cat([data.y, y]), data.x_val, data.y_val, data.num_classes, data.hflip)
 
 
-def val_acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict(model, x) == y).float().mean().item()
-
-
 def one_run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     scenario = Scenario.from_checkpoint(ckpt, device="cpu")
@@ -94,7 +90,7 @@ def one_run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     model = ckpt.model.eval()
     seed = ckpt.meta.get("seed", 0)
     before = evaluate(model)
-    val_before = val_acc(model, data.x_val, data.y_val)
+    val_before = data.val_accuracy(model)
     f_ref = frozen_copy(model)
     out: dict[str, Any] = {"checkpoint": str(path), "seed": seed, "extra_clean": args.extra_clean, "defender_images": len(data.x),
                            "validation_images": len(data.x_val), "backdoored": before, "val_clean_acc_backdoored": val_before}
@@ -116,7 +112,7 @@ def one_run(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             def monitor(r: int, f: nn.Module, curve: list[dict[str, Any]] = curve, key: str = key) -> None:
                 if r % args.eval_every and r != args.rounds:
                     return
-                point = {"rounds": r, "val_clean_acc": val_acc(f, data.x_val, data.y_val),
+                point = {"rounds": r, "val_clean_acc": data.val_accuracy(f),
                          "val_shared_rate": shared_adversarial_rate(f, f_ref, data.x_val, data.y_val, probe, seed),
                          **evaluate(f)}
                 curve.append(point)
