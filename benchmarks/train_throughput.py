@@ -52,7 +52,8 @@ from _common import device_name, sync, with_cpu_share
 from antidoor.config import DataConfig
 from antidoor.data import Augment, ImageData, load_dataset
 from antidoor.pipeline import Scenario, new_model
-from antidoor.train import BatchHook, TrainConfig, autocast, batches, make_optimizer, make_scheduler, prepare_model, train
+from antidoor.precision import autocast
+from antidoor.train import BatchHook, TrainConfig, batches, make_optimizer, make_scheduler, prepare_model, train
 from antidoor.utils import atomic_write_json, generator_for, resolve_device, seed_everything
 
 

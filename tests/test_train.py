@@ -11,9 +11,9 @@ from torch import nn
 
 from antidoor.data import Augment, ImageData
 from antidoor.models import build_model
+from antidoor.precision import autocast
 from antidoor.train import (
     TrainConfig,
-    autocast,
     batches,
     make_optimizer,
     make_scheduler,
@@ -100,9 +100,9 @@ def test_optimizer_gets_every_setting() -> None:
     assert adam.param_groups[0]["betas"] == (0.7, 0.999) and adam.param_groups[0]["lr"] == 0.002
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "linear", "constant"])
 def test_schedules(schedule: str) -> None:
-    cfg = TrainConfig(lr=0.1, schedule=schedule)
+    cfg = TrainConfig(lr=0.1, schedule=schedule, warmup=0.2)
     opt = make_optimizer(tiny_model().parameters(), cfg)
     sched = make_scheduler(opt, cfg, total_steps=20)
     lrs = []
@@ -118,9 +118,50 @@ def test_schedules(schedule: str) -> None:
         assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01 and lrs.index(max(lrs)) > 0
 
 
-def test_autocast_is_a_no_op_on_cpu() -> None:
-    assert isinstance(autocast(torch.device("cpu"), True), contextlib.nullcontext)
+def test_autocast_runs_bf16_where_the_cpu_has_it_and_float32_elsewhere(monkeypatch, capsys) -> None:
+    from antidoor import precision
+
+    cpu = torch.device("cpu")
+    x, w = torch.rand(4, 8), torch.rand(8, 3)
+    monkeypatch.delenv("ANTIDOOR_AMP", raising=False)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    with autocast(cpu, True):
+        assert (x @ w).dtype == torch.bfloat16
+    with autocast(cpu, False):
+        assert (x @ w).dtype == torch.float32
     assert isinstance(autocast(torch.device("cuda"), False), contextlib.nullcontext)
+    monkeypatch.setenv("ANTIDOOR_AMP", "off")  # the global switch wins over every config's amp: true
+    assert not precision.amp_active(cpu, True)
+    with autocast(cpu, True):
+        assert (x @ w).dtype == torch.float32
+    monkeypatch.delenv("ANTIDOOR_AMP")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_noted", set())
+    with autocast(cpu, True):
+        assert (x @ w).dtype == torch.float32
+    autocast(cpu, True)
+    assert capsys.readouterr().err.count("no fast bf16") == 1, "the float32 fallback is said once, not per call"
+
+
+def test_cpu_bf16_probe_matches_the_cpu_flags() -> None:
+    from antidoor.precision import cpu_has_fast_bf16
+
+    flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert cpu_has_fast_bf16() == bool(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero() -> None:
+    cfg = TrainConfig(lr=0.4, schedule="linear", warmup=0.2)
+    opt = make_optimizer([nn.Parameter(torch.zeros(1))], cfg)
+    sched = make_scheduler(opt, cfg, 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2, 0.4, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05])
 
 
 def test_prepare_model_channels_last() -> None:

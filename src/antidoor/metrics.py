@@ -13,7 +13,7 @@ from torch import nn
 
 from antidoor.attacks.base import Attack, NoAttack
 from antidoor.errors import AntidoorError
-from antidoor.train import autocast
+from antidoor.precision import autocast
 from antidoor.utils import warn
 
 

@@ -1,4 +1,4 @@
-"""The one training loop: data on the device, batched augmentation, channels_last, AMP on CUDA.
+"""The one training loop: data on the device, batched augmentation, channels_last, bf16 autocast.
 
 Everything that fits a classifier (attacks, fine-tuning defenses, the retuning attack) goes
 through :func:`batches` for its data and, for plain supervised training, :func:`train`.
@@ -6,7 +6,6 @@ through :func:`batches` for its data and, for plain supervised training, :func:`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from torch import nn
 
 from antidoor.data.augment import Augment
 from antidoor.errors import AntidoorError
+from antidoor.precision import autocast
 from antidoor.utils import generator_for, progress_bar
 
 # (x float [0,1] on device, y, indices into the source tensor, generator) -> (x, y)
@@ -34,18 +34,23 @@ class TrainConfig(BaseModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD only)")
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="stepped per batch")
+    schedule: Literal["cosine", "onecycle", "linear", "constant"] = Field(
+        "cosine", description="stepped per batch; linear: warm-up from 0 over `warmup` of the steps, then down to 0")
+    warmup: float = Field(0.0, ge=0, lt=1, description="share of the steps spent warming up (schedule linear)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (poisoned labels included)")
     augment: bool = True
     crop_padding: int = Field(4, ge=0)
     drop_last: bool = True
-    amp: bool = Field(True, description="bfloat16 autocast; only takes effect on CUDA")
+    amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (CUDA; CPUs with AMX/AVX512-BF16)")
     channels_last: bool = True
 
 
 def make_optimizer(params: list[nn.Parameter] | Iterator[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
@@ -55,14 +60,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    if cfg.schedule == "linear":
+        warm = max(1, round(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
+
+        def triangle(step: int) -> float:  # factor of lr before step ``step + 1``
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, triangle)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op on the CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
@@ -138,7 +145,7 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: Tra
                                    channels_last=cfg.channels_last):
                 with autocast(device, cfg.amp):
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

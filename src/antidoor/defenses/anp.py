@@ -42,7 +42,8 @@ from torch import nn
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
-from antidoor.train import autocast, batches, prepare_model
+from antidoor.precision import autocast
+from antidoor.train import batches, prepare_model
 from antidoor.utils import generator_for, info, progress_bar
 
 
@@ -58,7 +59,7 @@ class ANPParams(DefenseParams):
     prune_step: float = Field(0.05, gt=0, le=1, description="spacing of the threshold grid")
     prune_max: float = Field(0.9, gt=0, le=1, description="largest threshold tried")
     acc_ratio: float = Field(0.1, ge=0, lt=1, description="largest relative drop of validation accuracy allowed")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
 
     @model_validator(mode="after")
     def _grid(self) -> ANPParams:

@@ -82,7 +82,8 @@ from antidoor.data.augment import Augment
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.defenses.tuning import LossFn, tune
 from antidoor.models.registry import Classifier
-from antidoor.train import TrainConfig, autocast, batches, make_optimizer, prepare_model, steps_per_epoch
+from antidoor.precision import autocast
+from antidoor.train import TrainConfig, batches, make_optimizer, prepare_model, steps_per_epoch
 from antidoor.utils import generator_for, info, progress_bar
 
 
@@ -108,21 +109,21 @@ class BTIDBFParams(DefenseParams):
     generated_ratio: float = Field(0.2, gt=0, le=1, description="share of each unlearning batch replaced by G(x) (true labels)")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature MSE between x and the mixed batch")
     augment: bool = Field(True, description="crop/flip the clean images in every phase")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
 
 
 class FeatureSplit:
     """The model cut where the official code cuts ResNet: x -> the last feature map (the input of the
     backbone's global average pooling, C x H x W) and that map -> logits (pooling, then the head).
 
-    Every registered backbone ends in ``avgpool`` then ``head``; a backbone without ``avgpool`` is cut
-    at its penultimate features (``Classifier.features``) instead.
+    Every registered backbone ends in a global pooling (``avgpool``, or ``pool``) then ``head``; a backbone
+    without one is cut at its penultimate features (``Classifier.features``) instead.
     """
 
     def __init__(self, model: Classifier) -> None:
         self.model = model
         self.head = model.backbone.head
-        self.pool: nn.Module | None = getattr(model.backbone, "avgpool", None)
+        self.pool: nn.Module | None = getattr(model.backbone, "avgpool", getattr(model.backbone, "pool", None))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is None:

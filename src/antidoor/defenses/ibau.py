@@ -39,7 +39,8 @@ from pydantic import Field
 
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.models.registry import Classifier
-from antidoor.train import autocast, batches, prepare_model
+from antidoor.precision import autocast
+from antidoor.train import batches, prepare_model
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -54,7 +55,7 @@ class IBAUParams(DefenseParams):
     k: int = Field(5, ge=1, description="fixed-point iterations of the implicit hypergradient")
     inner_lr: float = Field(0.1, gt=0, description="step of the inner fixed-point map")
     portion: float = Field(0.01, gt=0, le=1, description="share of each batch perturbed in the outer loss")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
 
 
 def _perturbed(model: Classifier, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ from torch import nn
 
 from antidoor.data.augment import Augment
 from antidoor.defenses.base import DefenderData
+from antidoor.precision import autocast
 from antidoor.train import (
     TrainConfig,
-    autocast,
     batches,
     ensure_finite,
     make_optimizer,

@@ -31,7 +31,7 @@ from torch import nn
 from antidoor.defenses.base import DefenderData
 from antidoor.errors import AntidoorError
 from antidoor.metrics import Evaluator
-from antidoor.train import autocast
+from antidoor.precision import autocast
 
 BNMode = Literal["reestimate", "interpolate"]
 

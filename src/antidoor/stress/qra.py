@@ -41,7 +41,7 @@ from torch import nn
 from antidoor.attacks.base import Attack
 from antidoor.errors import AntidoorError, validate_params
 from antidoor.metrics import Evaluator
-from antidoor.train import autocast
+from antidoor.precision import autocast
 from antidoor.utils import generator_for, progress_bar
 
 
