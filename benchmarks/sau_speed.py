@@ -157,11 +157,13 @@ def reference_unlearning_loss(f: nn.Module, f_ref: nn.Module, x: torch.Tensor, y
     y_adv_ref = f_ref(x + delta).argmax(1)
     potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
     s = F.softmax(adv_logits, dim=1).gather(1, y_adv_ref[:, None]).squeeze(1)
-    if record is not None:  # how many potential samples the upper clamp at 0.999 takes out of the gradient
+    if record is not None:  # how many potential samples an upper clamp of s at 0.999 would take out of the gradient
         record.setdefault("potential", []).append(int(potential.sum()))
         record.setdefault("saturated", []).append(int((potential & (s > 0.999)).sum()))
-    s = s.clamp(1e-3, 0.999)
-    loss_shared = -torch.log(1 - s[potential]).sum() / n
+    # log(1 - s) as the official code forms it, from the other classes' probabilities (without its
+    # clamps): the same number as antidoor's exact logsumexp form, up to float rounding
+    others = F.softmax(adv_logits, dim=1).scatter(1, y_adv_ref[:, None], 0.0).sum(1)
+    loss_shared = -torch.log(others[potential]).sum() / n
     return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import fields
 
 import pytest
@@ -122,6 +123,20 @@ def test_monitor_sees_every_round_but_cannot_pick_the_model(badnets_run, defende
     again = purify(badnets_run.result.model, defender, "sau", seed=0, rounds=3, batch_size=40)
     assert seen == [1, 2, 3]
     assert _same_weights(final, again)
+
+
+def test_sau_unlearning_term_is_exact_and_keeps_a_gradient_where_the_backdoor_is_sure():
+    from antidoor.defenses.sau import log_one_minus_softmax
+
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 0.0, 0.0], [40.0, 0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([1, 2, 0])
+    s = logits.softmax(1).gather(1, k[:, None]).squeeze(1)
+    exact = log_one_minus_softmax(logits, k)
+    torch.testing.assert_close(exact[:2], torch.log1p(-s[:2]))
+    # s = 1 - 2e-17: log1p(-s) rounds to log(0) or, clamped at 0.999, has no gradient; the exact form has both
+    assert torch.isfinite(exact).all() and exact[2].item() == pytest.approx(math.log(1 + math.e) - 40, abs=1e-9)
+    (grad,) = torch.autograd.grad(-exact[2], logits)
+    assert grad[2, 0] > 0.99  # d(-log(1 - s))/d logit_k = s: the full push, not zero
 
 
 def test_sau_after_r_rounds_of_a_longer_run_is_the_run_with_r_rounds(badnets_run, defender):
@@ -326,6 +341,7 @@ def test_anp_threshold_grid_must_hold_a_threshold():
     ("preact_resnet18", ["backbone.layer3", "backbone.layer4"]),
     ("resnet18", ["backbone.layer3", "backbone.layer4"]),
     ("vgg16_bn", ["backbone.features.32", "backbone.features.42"]),
+    ("whitened_cnn", ["backbone.features.1", "backbone.features"]),
 ])
 def test_nad_attends_to_the_last_two_stages_of_every_architecture(arch, expected):
     from antidoor.defenses.nad import attention_layers
@@ -334,7 +350,8 @@ def test_nad_attends_to_the_last_two_stages_of_every_architecture(arch, expected
     model = build_model(arch, 10, width=4)
     names = attention_layers(model, torch.zeros(2, 3, 32, 32))  # shapes only
     assert names == expected
-    assert set(MODELS.names()) == {"small_cnn", "preact_resnet18", "resnet18", "vgg16_bn"}, "add the new model here"
+    known = {"small_cnn", "preact_resnet18", "resnet18", "vgg16_bn", "whitened_cnn"}
+    assert set(MODELS.names()) == known, "add the new model here"
 
 
 def test_nad_attention_loss_is_zero_for_equal_maps_and_scale_free():

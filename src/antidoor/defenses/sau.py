@@ -20,8 +20,12 @@ still train). Each round visits every clean batch (x, y) once:
 2. Unlearning (minimisation), one Adam step::
 
        y_adv_ref = argmax f_ref(x+d);  P = (y_adv_ref != y) & (y_adv_ref != y0_ref)
-       s         = softmax(f(x+d))[y_adv_ref], clamped to [1e-3, 0.999]
+       s         = softmax(f(x+d))[y_adv_ref]
        L         = lambda_1 CE(f(x), y) + lambda_2 CE(f(x+d), y) + lambda_3 sum_P -log(1 - s) / B
+
+   with log(1 - s) computed exactly, as logsumexp over the other classes' logits minus logsumexp
+   over all of them: no clamp, so the samples the backdoor is surest of (s near 1) keep the
+   largest gradient instead of none.
 
 3. The model after the last round is the result (no model selection on any test data).
 
@@ -42,6 +46,10 @@ Deviations from the official code, and why:
   autograd: it gives y0 and its graph serves the unlearning step's clean loss (f has not changed
   in between), so the clean batch is never forwarded twice; gradients are taken with respect to
   delta only (``torch.autograd.grad``).
+- log(1 - s) is exact (see step 2). The official code clamps 1 - s from below (the other classes'
+  probability mass plus 1e-6), which keeps a gradient at s near 1 but bends the loss there; a clamp
+  of s to [1e-3, 0.999], as an earlier antidoor had, cuts that gradient off altogether and slows
+  the first rounds (``benchmarks/sau_unlearning_term.py``).
 - Like the official code, x + d is not clipped to [0, 1]: d is a probe of the models, not an image.
 
 Hooks for variants: :meth:`SAU.make_optimizer` builds the unlearning optimiser and :meth:`SAU.unlearn`
@@ -62,7 +70,8 @@ from antidoor.data.augment import Augment
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier, frozen_copy
-from antidoor.train import autocast, batches, prepare_model
+from antidoor.precision import autocast
+from antidoor.train import batches, prepare_model
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -82,7 +91,7 @@ class SAUParams(DefenseParams):
     lambda_2: float = Field(0.0, ge=0, description="adversarial cross-entropy (adversarial training)")
     lambda_3: float = Field(1.0, ge=0, description="shared adversarial unlearning")
     augment: bool = Field(False, description="crop/flip the clean batches (the official code does not)")
-    amp: bool = Field(True, description="bfloat16 autocast on CUDA")
+    amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
 
 
 def _init_delta(x: torch.Tensor, p: SAUParams, g: torch.Generator) -> torch.Tensor:
@@ -127,6 +136,14 @@ def shared_adversarial_examples(f: Classifier, f_ref: nn.Module, x: torch.Tensor
     return delta.detach()
 
 
+def log_one_minus_softmax(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """log(1 - softmax(logits)[k]) per row, exactly: logsumexp of the other classes' logits minus
+    logsumexp of all. Stable and with a gradient however close softmax[k] is to 1, where
+    ``log1p(-s)`` would round to log(0)."""
+    others = logits.scatter(1, k[:, None], float("-inf"))
+    return others.logsumexp(1) - logits.logsumexp(1)
+
+
 def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
                     delta: torch.Tensor, y0_ref: torch.Tensor, p: SAUParams) -> torch.Tensor:
     """Step 2: lambda_1 CE(clean) + lambda_2 CE(adversarial) + lambda_3 shared unlearning.
@@ -146,8 +163,7 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None
         else:
             adv_logits = f(x_adv).float()
     potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
-    s = adv_logits.softmax(1).gather(1, y_adv_ref[:, None]).squeeze(1).clamp(1e-3, 0.999)
-    loss_shared = (-torch.log1p(-s) * potential).sum() / n
+    loss_shared = (-log_one_minus_softmax(adv_logits, y_adv_ref) * potential).sum() / n
     return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
 
 
