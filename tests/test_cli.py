@@ -282,7 +282,7 @@ def test_attack_invalid_yaml(run_cli: object, workdir: Path) -> None:
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("- a\n- b\n", "must hold a mapping"),
-    ("train:\n  lr: 0.1\n  warmup: 3\n", "train.warmup: unknown key"),
+    ("train:\n  lr: 0.1\n  warmup_epochs: 3\n", "train.warmup_epochs: unknown key"),
     ("attack: badnets\n", "attack must be a mapping"),
 ])
 def test_attack_bad_yaml_content(cli_main: object, tmp_path: Path, text: str, expected: str) -> None:

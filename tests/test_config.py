@@ -78,8 +78,8 @@ def test_bad_overrides_are_refused(overrides: list[str], match: str) -> None:
 
 
 def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 3, "warmup": 5}})
-    with pytest.raises(AntidoorError, match=r"train\.warmup: unknown key"):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 3, "warmup_epochs": 5}})
+    with pytest.raises(AntidoorError, match=r"train\.warmup_epochs: unknown key"):
         build_config(AttackRunConfig, path)
 
 

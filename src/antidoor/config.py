@@ -23,6 +23,7 @@ from antidoor.attacks.base import validate_attack_spec
 from antidoor.defenses.base import validate_defense_spec
 from antidoor.errors import AntidoorError, format_validation_error
 from antidoor.models import MODELS
+from antidoor.presets import preset_values
 from antidoor.stress.retune import RAConfig
 from antidoor.stress.suite import StressConfig
 from antidoor.train import TrainConfig
@@ -45,6 +46,8 @@ class DataConfig(BaseModel):
     root: str = Field("~/.cache/antidoor", description="where torchvision datasets live or are downloaded to")
     download: bool = False
     clean_ratio: float = Field(0.05, gt=0, lt=1, description="the defender's clean share of the training set")
+    clean_count: int | None = Field(None, ge=2, description="the defender's clean images as a count (overrides clean_ratio); "
+                                                           "2500 is the papers' budget (preset paper-defender)")
     val_ratio: float = Field(0.2, gt=0, lt=1, description="share of the defender's data held out for validation")
     hflip: bool | None = Field(None, description="horizontal flips in augmentation; None: the dataset's default")
     image_size: int | None = Field(None, ge=8, description="resize images (folders, GTSRB) to this size")
@@ -117,20 +120,38 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
                  base: dict[str, Any] | None = None, **explicit: Any) -> C:
-    """Defaults < ``base`` < YAML file < ``--set`` overrides < explicit CLI options (None = not given)."""
-    raw: dict[str, Any] = _merge({}, base or {})
+    """Defaults < ``base`` < presets < YAML file < ``--set`` overrides < explicit CLI options (None = not given).
+
+    Presets (:mod:`antidoor.presets`) are named by a ``preset`` key (YAML, ``--set preset=fast``) or
+    the ``--preset`` option (``explicit`` ``preset=[...]``); what they set, anything else overrides.
+    """
+    user: dict[str, Any] = {}
     if path is not None:
-        raw = _merge(raw, read_yaml(path))
+        user = _merge(user, read_yaml(path))
     for item in overrides or []:
         keys, value = parse_override(item)
-        set_nested(raw, keys, value)
+        set_nested(user, keys, value)
     for dotted, value in explicit.items():
-        if value is not None:
-            set_nested(raw, dotted.split("__"), value)
+        if value is not None and dotted != "preset":
+            set_nested(user, dotted.split("__"), value)
+    named = user.pop("preset", None)
+    if explicit.get("preset"):
+        named = [*([named] if isinstance(named, str) else named or []), *explicit["preset"]]
+    raw = _merge(_merge({}, base or {}), _preset_for(cls, named))
+    raw = _merge(raw, user)
     try:
         return cls(**raw)
     except ValidationError as e:
         raise AntidoorError(f"invalid config: {format_validation_error(e)}") from None
+
+
+def _preset_for(cls: type[BaseModel], names: Any) -> dict[str, Any]:
+    values = preset_values(names)
+    unused = set(values) - set(cls.model_fields)
+    if unused:
+        raise AntidoorError(f"preset {names!r} sets {', '.join(sorted(unused))}, which this command does not take; "
+                            "presets are for attack, demo and grid")
+    return values
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -44,9 +44,9 @@ RA_COLUMNS = ["model", "o_asr", "p_asr", "p_asr_std", "clean_acc", "ra_clean_acc
 
 
 def run_demo(config: Path | None, overrides: list[str], device: str | None, seed: int | None,
-             out: Path) -> dict[str, list[dict[str, Any]]]:
+             out: Path, preset: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     t0 = time.perf_counter()
-    cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed)
+    cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed, preset=preset)
     attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses", "ra"}))
     clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
     backdoor = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)

@@ -8,6 +8,7 @@ poison the batches by index, so the poisoned training set is never a second copy
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,8 @@ class Scenario:
         data = data.to(dev)
         attack = create_attack({**attack_spec, "seed": seed}, data.image_shape, data.num_classes).to(dev)
         splits, note = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio,
-                                   pratio=attack.pratio, target=attack.target, clean_label=attack.clean_label, seed=seed)
+                                   pratio=attack.pratio, target=attack.target, clean_label=attack.clean_label, seed=seed,
+                                   clean_count=data_cfg.clean_count)
         notes = [note] if note else []
         for n in notes:
             warn(n)
@@ -74,7 +76,7 @@ class Scenario:
         same_data = recorded is not None and recorded.get("name") == data_cfg.name
         if splits is None or not same_data:
             splits, _ = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio, pratio=0.0,
-                                    target=attack.target, clean_label=False, seed=seed)
+                                    target=attack.target, clean_label=False, seed=seed, clean_count=data_cfg.clean_count)
         return cls(data, attack.to(dev), splits, data_cfg, seed)
 
     @property
@@ -159,8 +161,29 @@ def new_model(scenario: Scenario, name: str, width: int) -> Classifier:
     return build_model(name, d.num_classes, d.image_shape[0], d.mean, d.std, width=width)
 
 
-def train_attack(cfg: AttackRunConfig, scenario: Scenario | None = None, description: str | None = None) -> AttackResult:
-    """Train a model on the (poisoned) training set and measure it on the test split."""
+# enough 2x2 patches for a stable covariance (airbench fits on 5,000 images too)
+FIT_IMAGES = 5000
+
+
+def fit_to_clean_images(model: Classifier, scenario: Scenario) -> None:
+    """Fit a data-dependent first layer (whitening) on up to 5,000 training images *before* poisoning.
+
+    The images are a seeded draw of the training set as loaded, so no trigger is in them: the
+    layer describes the data, and the backdoor has to live in the layers that train.
+    """
+    x = scenario.data.x_train
+    g = torch.Generator().manual_seed(scenario.seed)
+    pick = torch.randperm(len(x), generator=g)[:FIT_IMAGES].to(x.device)
+    if model.to(x.device).fit_to_data(x[pick]):
+        info(f"fitted {model.arch['name']}'s input whitening on {len(pick)} clean training images")
+
+
+def train_attack(cfg: AttackRunConfig, scenario: Scenario | None = None, description: str | None = None,
+                 on_epoch_end: Callable[[int, dict[str, float], Classifier], None] | None = None) -> AttackResult:
+    """Train a model on the (poisoned) training set and measure it on the test split.
+
+    ``on_epoch_end(epoch, stats, model)`` observes training after every epoch (benchmarks' curves).
+    """
     scenario = scenario or Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     label = description or (f"{cfg.attack['name']} (pratio {cfg.attack['pratio']})" if cfg.attack["pratio"] else "clean")
     info(f"training {cfg.model.name} (width {cfg.model.width}) on {scenario.data.name}: {label}, "
@@ -170,9 +193,11 @@ def train_attack(cfg: AttackRunConfig, scenario: Scenario | None = None, descrip
     prepare_seconds = time.perf_counter() - t0
     seed_everything(cfg.seed)  # the model's initial weights do not depend on whether a trigger was fitted
     model = new_model(scenario, cfg.model.name, cfg.model.width)
+    fit_to_clean_images(model, scenario)
     t0 = time.perf_counter()
     history = train(model, scenario.data.x_train, scenario.data.y_train, cfg.train, seed=cfg.seed,
-                    hflip=scenario.data.hflip, description=label, **scenario.poison_hooks())
+                    hflip=scenario.data.hflip, description=label, **scenario.poison_hooks(),
+                    on_epoch_end=None if on_epoch_end is None else lambda epoch, stats: on_epoch_end(epoch, stats, model))
     seconds = time.perf_counter() - t0
     metrics = scenario.evaluator(model)
     return AttackResult(model, metrics, history, scenario, seconds, prepare_seconds)

@@ -35,28 +35,44 @@ class Splits:
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, generator: torch.Generator,
-                      among: torch.Tensor | None = None) -> torch.Tensor:
-    """A seeded, class-stratified ``fraction`` of ``among`` (default: all indices); at least one per class."""
+                      among: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
+    """A seeded, class-stratified ``fraction`` of ``among`` (default: all indices); at least one per class.
+
+    With ``count``, exactly ``count`` indices instead: each class gets its share of ``count`` in
+    proportion to its size (largest remainders take the rounding), capped at what the class has.
+    """
     among = torch.arange(len(labels)) if among is None else among
+    classes, sizes = labels[among].unique(return_counts=True)
+    if count is None:
+        quota = [max(1, round(fraction * int(n))) for n in sizes]
+    else:
+        exact = sizes.double() * count / len(among)
+        quota = exact.floor().long()
+        by_remainder = (exact - quota).argsort(descending=True, stable=True)
+        quota[by_remainder[:count - int(quota.sum())]] += 1
+        quota = quota.clamp_max(sizes).tolist()
     picked = []
-    for c in labels[among].unique().tolist():
+    for c, k in zip(classes.tolist(), quota, strict=True):
         members = among[labels[among] == c]
-        k = max(1, round(fraction * len(members)))
         picked.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(picked).sort().values
 
 
 def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, pratio: float, target: int,
-                clean_label: bool, seed: int) -> tuple[Splits, str | None]:
+                clean_label: bool, seed: int, clean_count: int | None = None) -> tuple[Splits, str | None]:
     """Draw the defender's data first, then the poisoned indices from what is left.
 
     Dirty-label attacks poison ``round(pratio * N)`` images of any class (target included, as in
     BackdoorBench); clean-label attacks only target-class images. Returns the splits and a note when
     a clean-label attack had fewer target images than asked for (then all of them are poisoned).
+    ``clean_count`` gives the defender that many images instead of ``clean_ratio`` of them.
     """
     labels = labels.cpu()
+    if clean_count is not None and clean_count >= len(labels):
+        raise AntidoorError(f"data.clean_count {clean_count} asks for as many clean images as the training set has "
+                            f"({len(labels)}); allowed: 2 to {len(labels) - 1}")
     g = torch.Generator().manual_seed(seed)
-    defender = stratified_subset(labels, clean_ratio, g)
+    defender = stratified_subset(labels, clean_ratio, g, count=clean_count)
     val = stratified_subset(labels, val_ratio, g, among=defender)
     train = defender[~torch.isin(defender, val)]
     if len(train) == 0:

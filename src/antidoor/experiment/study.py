@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
 from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.presets import preset_values
 from antidoor.stress.suite import ModelStressConfig
 from antidoor.train import TrainConfig
 
@@ -95,10 +96,27 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
     for item in overrides or []:
         keys, value = parse_override(item)
         set_nested(raw, keys, value)
+    raw = _with_preset(raw)
     try:
         return StudyConfig(**raw)
     except ValidationError as e:
         raise AntidoorError(f"invalid study: {format_validation_error(e)}") from None
+
+
+def _with_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """``preset: NAME`` (or a list) in a study: its model becomes the one model unless ``models`` is
+    given, its train values sit under the study's ``train``, its data values under every dataset's."""
+    values = preset_values(raw.pop("preset", None))
+    if not values:
+        return raw
+    if "model" in values and "models" not in raw:
+        raw["models"] = [values["model"]]
+    if "train" in values:
+        raw["train"] = _merge(values["train"], raw.get("train") or {})
+    if "data" in values:
+        datasets = raw.get("datasets") or [{}]
+        raw["datasets"] = [_merge(values["data"], d) if isinstance(d, dict) else d for d in datasets]
+    return raw
 
 
 def labels_for(items: list[dict[str, Any]], name: Any = lambda d: d["name"]) -> list[str]:

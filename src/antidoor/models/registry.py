@@ -34,6 +34,18 @@ class Classifier(nn.Module):
         """Penultimate features (input of the final linear layer ``backbone.head``)."""
         return self.backbone.forward_features((x - self.mean) / self.std)
 
+    @torch.no_grad()
+    def fit_to_data(self, images: torch.Tensor) -> bool:
+        """Data-dependent initialisation, for backbones that have one (``whitened_cnn``'s whitening).
+
+        ``images`` are uint8 (N, C, H, W) training images; returns whether anything was fitted.
+        """
+        fit = getattr(self.backbone, "fit_whitening", None)
+        if fit is None:
+            return False
+        fit((images.float().div(255) - self.mean) / self.std)
+        return True
+
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, mean: tuple[float, ...] | None = None,
                 std: tuple[float, ...] | None = None, **kwargs: Any) -> Classifier:
