@@ -22,7 +22,7 @@ from pydantic import (
 from antidoor.attacks.base import validate_attack_spec
 from antidoor.defenses.base import validate_defense_spec
 from antidoor.errors import AntidoorError, format_validation_error
-from antidoor.models import MODELS
+from antidoor.models import model_factory
 from antidoor.stress.retune import RAConfig
 from antidoor.stress.suite import StressConfig
 from antidoor.train import TrainConfig
@@ -58,7 +58,7 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        MODELS.get(v)  # raises with the list of models
+        model_factory(v)  # raises with the list of models (or the namespace's)
         return v
 
 

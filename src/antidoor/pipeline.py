@@ -72,6 +72,10 @@ class Scenario:
         attack = ckpt.attack or create_attack({"name": "none", "pratio": 0.0}, data.image_shape, data.num_classes)
         splits = ckpt.splits
         same_data = recorded is not None and recorded.get("name") == data_cfg.name
+        if splits is not None and recorded is None and _indexes(splits, len(data.y_train)):
+            # saved without its dataset (save_checkpoint(path, model, {}, attack, splits)): keep the recorded splits
+            warn(f"the checkpoint records splits but not its dataset; they are taken as indices into {data_cfg.name!r}")
+            same_data = True
         if splits is None or not same_data:
             splits, _ = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio, pratio=0.0,
                                     target=attack.target, clean_label=False, seed=seed)
@@ -142,6 +146,12 @@ class Scenario:
         return {**self.data.describe(), "config": self.data_config.model_dump(), "split_seed": self.seed,
                 "n_poison": len(self.splits.poison), "n_defender_train": len(self.splits.defender_train),
                 "n_defender_val": len(self.splits.defender_val), "notes": self.notes}
+
+
+def _indexes(splits: Splits, n: int) -> bool:
+    """Whether every recorded index lies in a training set of ``n`` images."""
+    parts = [t for t in (splits.defender_train, splits.defender_val, splits.poison) if len(t)]
+    return all(int(t.min()) >= 0 and int(t.max()) < n for t in parts)
 
 
 @dataclass

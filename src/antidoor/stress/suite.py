@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from antidoor.defenses import purify
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
+from antidoor.stress.guards import GuardConfig, check_scenario, require_classifier
 from antidoor.stress.path import PathConfig, PathResult, _describe, backdoor_path, check_same_architecture
 from antidoor.stress.plots import path_png, ra_curve_png
 from antidoor.stress.qra import QRAConfig, QRAData, QRAResult, make_qra_data, qra
@@ -47,6 +48,7 @@ class StressConfig(ModelStressConfig):
     ep: bool = Field(True, description="also stress EP (oracle; purified from the backdoored model) when its poisoned "
                                        "samples are recorded and no EP model is given")
     ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
+    guards: GuardConfig = GuardConfig()
 
 
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
@@ -127,8 +129,10 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
         raise AntidoorError("run_stress needs at least one purified model")
     dev = scenario.device
     nc, ch = scenario.data.num_classes, scenario.data.image_shape[0]
-    named = {**models, "backdoored": backdoored, **({"clean": clean_ref} if clean_ref is not None else {})}
+    named = {**models, "backdoored": backdoored, **({"clean": clean_ref} if clean_ref is not None else {}),
+             **({"ep": ep} if ep is not None else {})}
     for name, m in named.items():
+        require_classifier(name, m)
         arch = getattr(m, "arch", None)
         if arch and (arch["num_classes"] != nc or arch["in_channels"] != ch):
             raise AntidoorError(f"model {name!r} is {_describe(m)}, but the data have {nc} classes and {ch} channels")
@@ -137,6 +141,8 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
             raise AntidoorError(f"purified model name {name!r} is reserved for a reference; choose another")
         if cfg.path is not None:
             check_same_architecture(m, backdoored, (name, "backdoored"))
+    named = {n: m.to(dev).eval() for n, m in named.items()}
+    checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards)
     if ep is None and cfg.ep:
         if len(scenario.splits.poison):
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
@@ -157,7 +163,8 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     data = {"dataset": scenario.data.name, "attack": scenario.attack.spec(), "ra_set": ra_data.describe(),
             "qra_set": qra_data.describe() if qra_data is not None else None,
             "bn_images": len(defender.x) + len(defender.x_val), "evaluated_on": "test split (measurement only)"}
-    return StressResult(out, cfg.model_dump(), data, round(time.perf_counter() - t0, 1), {"device": str(dev), "seed": seed})
+    return StressResult(out, cfg.model_dump(), data, round(time.perf_counter() - t0, 1),
+                        {"device": str(dev), "seed": seed, "checks": [c.to_dict() for c in checks]})
 
 
 def stress_model(name: str, role: str, model: Classifier, scenario: Scenario, backdoored: Classifier,
