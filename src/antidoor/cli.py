@@ -227,6 +227,8 @@ def stress(
     """
     import time
 
+    from rich.markup import escape
+
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import StressRunConfig, build_config
     from antidoor.pipeline import Scenario
@@ -267,11 +269,15 @@ def stress(
                         "clean_ref": str(clean_ref) if clean_ref else None, "ep": str(ep) if ep else "auto" if cfg.ep else None})
     result.seconds = round(time.perf_counter() - t0, 1)  # the whole command, loading included
     written = write_report(result, out)
+    verdicts = result.verdicts()
+    for v in verdicts.values():  # the verdict first; the table that backs it follows
+        color = {"deep": "green", "superficial": "yellow"}.get(v.verdict, "red")
+        console.print(f"[bold {color}]{escape(v.model)}: {v.word}[/]. {escape(v.details())}", highlight=False, soft_wrap=True)
     rows = result.table()
     console.print(_metrics_table("superficial safety (RA; metrics on the test split)", rows,
                                  ["model", "clean_acc", "o_asr", "p_asr_mean", "p_asr_std", "qra_asr_purified", "qra_asr_clean"]))
     console.print(f"wrote {', '.join(str(w) for w in written)} in {result.seconds:.0f} s")
-    print_json_line({"table": rows, "seconds": result.seconds})
+    print_json_line({"verdicts": {n: v.verdict for n, v in verdicts.items()}, "table": rows, "seconds": result.seconds})
 
 
 # -- studies: grid, results, report -------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""The verdict: its rule on hand-made per-image outcomes, and on real models through run_stress and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from antidoor.stress import RAConfig, StressConfig, run_stress, write_report
+from antidoor.stress.verdict import VerdictConfig, judge, pack_hits, unpack_hits
+
+
+def _model(role: str, o_rate: float, p_rates: list[float], n: int = 400) -> dict:
+    """Per-image outcomes with exactly the given rates (the first k images hit): not data, a rule's input."""
+    def hits(rate: float) -> str:
+        return pack_hits(np.arange(n) < round(rate * n))
+
+    return {"role": role, "ra": {"before_hits": hits(o_rate), "runs": [{"hits": hits(p)} for p in p_rates]}}
+
+
+def test_pack_round_trip():
+    v = np.array([True, False, True] * 301)
+    assert (unpack_hits(pack_hits(v)) == v).all()
+    assert pack_hits(None) == ""
+
+
+def test_rule_names_each_verdict():
+    models = {"ft": _model("purified", 0.09, [0.62, 0.60, 0.63]),      # the issue's FT: 9.3% -> 61.7%
+              "deep": _model("purified", 0.05, [0.12, 0.10, 0.14]),
+              "none": _model("purified", 0.90, [0.95, 0.96, 0.97]),
+              "ep": _model("oracle reference (EP)", 0.04, [0.10, 0.12, 0.08]),
+              "backdoored": _model("backdoored reference", 0.95, [0.97, 0.97, 0.97]),
+              "clean": _model("clean reference", 0.03, [0.06, 0.05, 0.07])}
+    v = judge(models)
+    assert set(v) == {"ft", "deep", "none"}  # references are not judged
+    assert (v["ft"].verdict, v["deep"].verdict, v["none"].verdict) == ("superficial", "deep", "not purified")
+    assert all(x.confident for x in v.values())
+    assert v["ft"].p_ref_from == "EP" and v["ft"].p_ref == pytest.approx(0.10)
+    lo, hi = v["ft"].p_asr_ci
+    assert lo < v["ft"].p_asr < hi and hi - lo < 0.15
+    assert "ft: superficial." in v["ft"].sentence() and "95% bootstrap" in v["ft"].sentence()
+
+
+def test_close_call_is_uncertain_and_margin_is_configurable():
+    models = {"m": _model("purified", 0.05, [0.17, 0.12, 0.20], n=100), "clean": _model("clean reference", 0.03, [0.04], n=100)}
+    v = judge(models)["m"]
+    assert v.verdict == "superficial" and not v.confident  # 16.3 - 4 = 12.3 points over, on 100 images and 3 seeds
+    assert judge(models, VerdictConfig(margin=0.2))["m"].verdict == "deep"
+
+
+def test_no_per_image_outcomes_no_verdict():
+    assert judge({"m": {"role": "purified", "ra": {"runs": [{"p_asr": 0.5}]}}}) == {}
+
+
+QUICK = StressConfig(ra=RAConfig(seeds=[0, 1], epochs=1), qra=None, path=None, ep=False)
+
+
+def test_verdict_on_real_models_comes_first_in_stress_md(badnets_run, clean_run, tmp_path):
+    """The backdoored model passed as 'purified' is not purified; the clean model passed as one is deep."""
+    sc = badnets_run.result.scenario
+    bd, clean = badnets_run.result.model, clean_run.result.model
+    res = run_stress({"untouched": bd, "fresh": clean}, bd, clean, sc, QUICK)
+    v = res.verdicts()
+    assert v["untouched"].verdict == "not purified" and v["untouched"].confident
+    assert v["fresh"].verdict == "deep"
+    write_report(res, tmp_path)
+    md = (tmp_path / "stress.md").read_text().splitlines()
+    assert md[2] == "## Verdict" and md[4].startswith("- **untouched: not purified**")
+    doc = json.loads((tmp_path / "stress.json").read_text())
+    assert next(iter(doc)) == "verdicts" and doc["verdicts"]["fresh"]["verdict"] == "deep"
+    assert len(doc["models"]["fresh"]["ra"]["runs"][0]["hits"]) > 100
