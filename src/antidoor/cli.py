@@ -26,6 +26,16 @@ app = typer.Typer(
     help="Backdoor purification that holds up under attack: implant, purify, measure, stress, report.",
 )
 
+@app.callback()
+def _plugins(plugin: list[Path] = typer.Option(None, "--plugin", help="a Python file registering your own attack (or "
+                                               "defense, model); RUNS ITS CODE, so name only files you trust. Repeatable; "
+                                               "e.g. antidoor --plugin my_attack.py attack --attack stripe")) -> None:
+    from antidoor.plugins import load_plugin
+
+    for p in plugin or []:
+        load_plugin(p)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (sections: data, model, attack, train, ...)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --set attack.pratio=0.05 (repeatable)")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -214,6 +224,10 @@ def stress(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     data: str = typer.Option(None, "--data", help="data (default: the backdoored checkpoint's dataset and recorded split)"),
+    poisoned: Path = typer.Option(None, "--poisoned", help="the attacker's poisoned images, trigger on: an .npz with x "
+                                                           "(+ y, their true labels, for EP) or a folder of images"),
+    poisoned_indices: Path = typer.Option(None, "--poisoned-indices", help="the attacker's poisoned training images as "
+                                                                           "indices into the data (.txt, .json or .npy)"),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
     out: Path = typer.Option(Path("runs/stress"), "--out", "-o", help="output folder"),
@@ -258,6 +272,11 @@ def stress(
             name += "'"
         models[name] = ckpt.model
     scenario = Scenario.from_checkpoint(bd, cfg.data, cfg.device)
+    if poisoned is not None or poisoned_indices is not None:
+        from antidoor.poisoned import read_indices, read_samples
+
+        scenario.use_poisoned(read_indices(poisoned_indices) if poisoned_indices is not None else None,
+                              read_samples(poisoned) if poisoned is not None else None)
     clean = load_checkpoint(clean_ref).model if clean_ref is not None else None
     ep_model = load_checkpoint(ep).model if ep is not None else None
     if clean is None:

@@ -21,6 +21,7 @@ from antidoor.defenses.base import DefenderData
 from antidoor.errors import AntidoorError
 from antidoor.metrics import Evaluator
 from antidoor.models import Classifier, build_model
+from antidoor.poisoned import PoisonedSamples
 from antidoor.train import BatchHook, TrainConfig, train
 from antidoor.utils import info, resolve_device, seed_everything, warn
 
@@ -34,6 +35,7 @@ class Scenario:
     seed: int
     notes: list[str] = field(default_factory=list)
     _evaluator: Evaluator | None = None
+    poisoned_samples: PoisonedSamples | None = None  # the attacker's triggered images, given as files (antidoor.poisoned)
 
     @classmethod
     def build(cls, data_cfg: DataConfig, attack_spec: dict[str, Any], seed: int = 0,
@@ -85,6 +87,32 @@ class Scenario:
     def device(self) -> torch.device:
         return self.data.x_train.device
 
+    def use_poisoned(self, indices: torch.Tensor | None = None, samples: PoisonedSamples | None = None) -> None:
+        """The attacker's poisoned samples for a model trained elsewhere: training indices, or triggered images."""
+        s, n = self.splits, len(self.data.y_train)
+        if indices is not None:
+            if int(indices.min()) < 0 or int(indices.max()) >= n:
+                raise AntidoorError(f"poisoned index {int(indices.max())} is outside the training set of "
+                                    f"{self.data.name!r}; allowed: 0..{n - 1}")
+            clash = torch.isin(indices, torch.cat([s.defender_train, s.defender_val]))
+            if clash.any():
+                raise AntidoorError(f"poisoned index {int(indices[clash][0])} is among the defender's clean images; "
+                                    f"draw the defender's data with another seed, or check the indices")
+            self.splits = Splits(s.defender_train, s.defender_val, indices)
+        if samples is not None:
+            if tuple(samples.x.shape[1:]) != tuple(self.data.image_shape):
+                raise AntidoorError(f"poisoned samples ({samples.source}) are {tuple(samples.x.shape[1:])} images; "
+                                    f"the data's are {tuple(self.data.image_shape)}")
+            if samples.y is not None and (int(samples.y.min()) < 0 or int(samples.y.max()) >= self.data.num_classes):
+                raise AntidoorError(f"poisoned samples ({samples.source}): label {int(samples.y.max())} is not a class")
+            self.poisoned_samples = PoisonedSamples(samples.x.to(self.device), None if samples.y is None
+                                                    else samples.y.to(self.device), samples.source)
+
+    def oracle_available(self) -> bool:
+        """Whether EP can be purified: the poisoned samples are known with their true labels."""
+        p = self.poisoned_samples
+        return bool(len(self.splits.poison)) or (p is not None and p.y is not None)
+
     def attacker_data(self) -> AttackerData:
         """The training set the attacker poisons, which attacks that fit their trigger may use."""
         d = self.data
@@ -132,7 +160,10 @@ class Scenario:
         """The defender's clean images; with ``oracle`` also the poisoned ones with their true labels."""
         d, s = self.data, self.splits
         poisoned_x = poisoned_y = None
-        if oracle and len(s.poison):
+        given = self.poisoned_samples
+        if oracle and given is not None and given.y is not None:
+            poisoned_x, poisoned_y = given.x, given.y
+        elif oracle and len(s.poison):
             idx = s.poison.to(self.device)
             x = self.prepare_attack().replace_sources(d.x_train[idx].float().div_(255), idx)
             poisoned_x = self.attack.apply(x).mul_(255).round_().to(torch.uint8)

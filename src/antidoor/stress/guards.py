@@ -109,11 +109,16 @@ def _poisoned_samples(scenario: Scenario) -> Check:
     if len(poison) and (int(poison.max()) >= n or int(poison.min()) < 0):
         raise AntidoorError(f"the recorded poisoned indices reach {int(poison.max())}, but the training set of "
                             f"{scenario.data.name!r} has {n} images: the checkpoint was trained on other data")
+    given = scenario.poisoned_samples
+    if given is not None:
+        return Check("poisoned_samples", given.y is not None, f"{given.source}" + (
+            "" if given.y is not None else ": without their true labels ('y'), so no EP reference can be purified"),
+            severity="warning")
     if len(poison):
         return Check("poisoned_samples", True, f"{len(poison)} recorded poisoned training samples", severity="warning")
     return Check("poisoned_samples", False, "no recorded poisoned training samples: RA stamps the trigger on training images "
-                 "outside the defender's data instead, and no EP reference can be purified (give --poisoned FILE or "
-                 "--poisoned-indices FILE with the attacker's samples, or --ep)", severity="warning")
+                 "outside the defender's data instead, and no EP reference can be purified (give the attacker's samples "
+                 "with --poisoned FILE or --poisoned-indices FILE, or an EP model with --ep)", severity="warning")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -89,11 +89,12 @@ class RAData:
 
 def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tensor, pool_labels: torch.Tensor,
                  n_total: int = 1000, n_poison: int = 5, seed: int = 0,
-                 source: str = "recorded poisoned training samples") -> RAData:
+                 source: str = "recorded poisoned training samples", stamped: bool = False) -> RAData:
     """Draw the RA set: ``n_poison`` images of ``poison_pool`` (clean uint8 originals) triggered and
     relabelled to the target, plus up to ``n_total - n_poison`` of the defender's clean images.
 
     ``pool_labels`` are the pool's true labels; for dirty-label attacks target-class images are skipped.
+    ``stamped``: the pool already carries the trigger (the attacker's own poisoned images, given as files).
     """
     if n_poison > n_total:
         raise AntidoorError(f"ra.n_poison {n_poison} is larger than ra.n_total {n_total}")
@@ -109,7 +110,7 @@ def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tens
         raise AntidoorError(f"ra.n_poison {n_poison} asks for more poisoned samples than the {len(candidates)} available "
                             f"({source}); allowed: 0..{len(candidates)}")
     chosen = candidates[torch.randperm(len(candidates), generator=g)[:n_poison]].to(poison_pool.device)
-    px = attack.apply_uint8(poison_pool[chosen].to(dev))
+    px = poison_pool[chosen].to(dev) if stamped else attack.apply_uint8(poison_pool[chosen].to(dev))
     py = torch.full((n_poison,), attack.target, dtype=torch.int64, device=dev)
     return RAData(torch.cat([clean_x[pick], px]), torch.cat([clean_y[pick], py]), n_poison, attack.target,
                   defender.hflip, source)

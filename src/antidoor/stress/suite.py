@@ -56,6 +56,11 @@ class StressConfig(ModelStressConfig):
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
     """The RA set of a scenario: the defender's clean images plus the attacker's recorded poisoned samples."""
     d, s = scenario.data, scenario.splits
+    given = scenario.poisoned_samples
+    if given is not None:  # the attacker's own triggered images; unknown labels (-1) are never the target
+        labels = given.y if given.y is not None else torch.full((len(given.x),), -1, dtype=torch.int64)
+        return make_ra_data(scenario.defender_data(), scenario.attack, given.x, labels, cfg.n_total, cfg.n_poison,
+                            cfg.data_seed, given.source, stamped=True)
     pool = s.poison
     source = "recorded poisoned training samples"
     if len(pool) == 0:  # a model from elsewhere: stamp the trigger on images the defender does not hold
@@ -151,7 +156,7 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     named = {n: m.to(dev).eval() for n, m in named.items()}
     checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards)
     if ep is None and cfg.ep:
-        if len(scenario.splits.poison):
+        if scenario.oracle_available():
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
             ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed, **cfg.ep_params)
         else:
