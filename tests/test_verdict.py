@@ -56,11 +56,16 @@ def test_no_per_image_outcomes_no_verdict():
 QUICK = StressConfig(ra=RAConfig(seeds=[0, 1], epochs=1), qra=None, path=None, ep=False)
 
 
-def test_verdict_on_real_models_comes_first_in_stress_md(badnets_run, clean_run, tmp_path):
-    """The backdoored model passed as 'purified' is not purified; the clean model passed as one is deep."""
+@pytest.fixture(scope="module")
+def real_stress(badnets_run, clean_run):
+    """The backdoored model passed as 'purified' (not purified) and the clean model passed as one (deep)."""
     sc = badnets_run.result.scenario
     bd, clean = badnets_run.result.model, clean_run.result.model
-    res = run_stress({"untouched": bd, "fresh": clean}, bd, clean, sc, QUICK)
+    return run_stress({"untouched": bd, "fresh": clean}, bd, clean, sc, QUICK)
+
+
+def test_verdict_on_real_models_comes_first_in_stress_md(real_stress, tmp_path):
+    res = real_stress
     v = res.verdicts()
     assert v["untouched"].verdict == "not purified" and v["untouched"].confident
     assert v["fresh"].verdict == "deep"
@@ -70,3 +75,14 @@ def test_verdict_on_real_models_comes_first_in_stress_md(badnets_run, clean_run,
     doc = json.loads((tmp_path / "stress.json").read_text())
     assert next(iter(doc)) == "verdicts" and doc["verdicts"]["fresh"]["verdict"] == "deep"
     assert len(doc["models"]["fresh"]["ra"]["runs"][0]["hits"]) > 100
+
+
+def test_results_load_gives_a_dataframe_with_the_verdict(real_stress, tmp_path):
+    pytest.importorskip("pandas")
+    from antidoor.results import load
+
+    write_report(real_stress, tmp_path)
+    df = load(tmp_path).set_index("model")
+    assert list(df.index) == ["untouched", "fresh", "backdoored", "clean"]
+    assert df.loc["untouched", "verdict"] == "not purified" and df.loc["fresh", "verdict"] == "deep"
+    assert df.loc["fresh", "p_asr_ci_low"] <= df.loc["fresh", "p_asr_mean"] <= df.loc["fresh", "p_asr_ci_high"]

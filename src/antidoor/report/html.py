@@ -12,7 +12,7 @@ from typing import Any
 
 from antidoor.experiment.store import Store
 from antidoor.report import plots
-from antidoor.report.tables import aggregate, cell, curve_rows, display_columns, result_rows
+from antidoor.report.tables import aggregate, cell, curve_rows, display_columns, latest_runs, result_rows
 from antidoor.report.verdicts import VERDICT_COLUMNS, VERDICT_RULE, study_verdicts
 from antidoor.utils import atomic_write_bytes, atomic_write_text
 
@@ -43,7 +43,7 @@ def build_report(store: Store) -> Report:
     rows = result_rows(store)
     agg = aggregate(rows)
     study = store.get_meta("study") or {}
-    runs = store.runs()
+    runs = latest_runs(store)  # a stage rerun under another key counts once, by its latest attempt
     failed = [r for r in rows if r["status"] != "done"]
     summary = [f"{len(runs)} stage runs: " + ", ".join(f"{sum(r['status'] == s for r in runs)} {s}"
                                                        for s in ("done", "failed", "running")),

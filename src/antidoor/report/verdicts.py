@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from antidoor.experiment.store import Store
+from antidoor.report.tables import latest_runs
 from antidoor.stress.verdict import Verdict, judge
 
 EP = "ep"
@@ -27,7 +28,7 @@ def study_verdicts(store: Store) -> list[dict[str, Any]]:
     """One row per (dataset, model, attack, defense): the seeds' majority ``verdict`` and each seed's in ``summary``."""
     folder = store.path.parent
     groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
-    runs = {r["id"]: r for r in store.runs("stress") if r["status"] == "done"}
+    runs = {r["id"]: r for r in latest_runs(store, "stress") if r["status"] == "done"}
     for a in store.artifacts():
         run = runs.get(a["run_id"])
         path = folder / a["path"]
