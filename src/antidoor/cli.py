@@ -76,7 +76,12 @@ def attack(
     out: Path = typer.Option(Path("runs/attack"), "--out", "-o", help="output folder"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Train a backdoored model (or a clean reference with --pratio 0 or --attack none)."""
+    """Train a backdoored model (or a clean reference with --pratio 0 or --attack none).
+
+    Example: antidoor attack --attack badnets --pratio 0.1 --model small_cnn --width 16 --epochs 20 --out runs/badnets
+
+    Attacks and their parameters: `antidoor list`, `antidoor describe badnets`.
+    """
     from antidoor.checkpoint import save_checkpoint
     from antidoor.config import AttackRunConfig, build_config
     from antidoor.pipeline import run_meta, train_attack
@@ -114,7 +119,10 @@ def evaluate(
     out: Path = typer.Option(None, "--out", "-o", help="folder for metrics.json (default: beside the checkpoint)"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Print and save clean_acc, asr and robust_acc of a checkpoint under an attack."""
+    """Print and save clean_acc, asr and robust_acc of a checkpoint under an attack.
+
+    Example: antidoor evaluate runs/badnets/model.safetensors --attack blended
+    """
     from antidoor.attacks import create_attack
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import EvaluateConfig, build_config
@@ -149,7 +157,7 @@ def evaluate(
 @app.command()
 def purify(
     checkpoint: Path = typer.Argument(..., help="the (backdoored) model: a .safetensors checkpoint with its .json sidecar"),
-    defense: str = typer.Option(None, "--defense", "-d", help="defense name (default sau); see the list below"),
+    defense: str = typer.Option(None, "--defense", "-d", help="defense name (default sau); all of them: `antidoor list`"),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     data: str = typer.Option(None, "--data", help="defender data (default: the checkpoint's dataset and recorded split)"),
@@ -162,6 +170,10 @@ def purify(
 
     The defense sees only the defender's clean data (and its validation part); the test split is
     used afterwards, to measure. Parameters: --set defense.rounds=20 and so on.
+
+    Example: antidoor purify runs/badnets/model.safetensors --defense sau --set defense.rounds=20 --out runs/sau
+
+    Defenses: `antidoor list`; a defense's parameters and defaults: `antidoor describe sau`.
     """
     from antidoor.checkpoint import load_checkpoint, save_checkpoint
     from antidoor.config import PurifyConfig, build_config
@@ -206,7 +218,10 @@ def demo(
     quiet: bool = QuietOpt,
 ) -> None:
     """The main job on the bundled mini CIFAR-10, offline: train a clean and a BadNets model, purify with FT, SAU and EP,
-    then the superficial-safety table (asr before and after the retuning attack)."""
+    then the superficial-safety table (asr before and after the retuning attack).
+
+    Example: antidoor demo --out runs/demo
+    """
     from antidoor.demo import run_demo
 
     set_quiet(quiet)
@@ -238,6 +253,13 @@ def stress(
     Writes stress.json, stress.md, ra_curve.png and path.png. Settings: --set ra.seeds=[0,1,2],
     --set ra.epochs=5, --set qra.epochs=50, --set path.points=21, --set path.bn=interpolate,
     --set qra=null (skip QRA), --set path=null (skip the path).
+
+    Example: antidoor stress runs/sau/model.safetensors --backdoored runs/badnets/model.safetensors
+    --clean-ref runs/clean/model.safetensors --out runs/stress
+
+    The verdict per purified model (not purified, superficial, deep) comes first. Before anything runs, guardrails
+    refuse a trigger the backdoored model does not know and models near chance (--set guards.enforce=false to
+    override).
     """
     import time
 
@@ -326,10 +348,11 @@ def import_(
 ) -> None:
     """Turn plain state dicts trained elsewhere into antidoor checkpoints (weights + sidecar) for evaluate, purify, stress.
 
-    Example (a torchvision ResNet-18 backdoored with a 3x3 corner patch, its purification and a clean one):
+    Example: antidoor import bd.pt ft.pt clean.pt --arch torchvision:resnet18 --num-classes 10
+    --mean 0.4914,0.4822,0.4465 --std 0.247,0.243,0.261 --attack badnets --target 0 --out runs/mine
 
-        antidoor import bd.pt ft.pt clean.pt --arch torchvision:resnet18 --num-classes 10 --mean 0.4914,0.4822,0.4465
-        --std 0.247,0.243,0.261 --attack badnets --target 0 --out runs/mine
+    (a torchvision ResNet-18 backdoored with a 3x3 corner patch, its purification and a clean one; then
+    antidoor stress runs/mine/ft.safetensors --backdoored runs/mine/bd.safetensors --clean-ref runs/mine/clean.safetensors)
 
     A mismatching key or shape is named with what the architecture expects.
     """
@@ -345,6 +368,46 @@ def import_(
     console.print(_metrics_table(f"imported as {cfg.model.name} (test split of {cfg.data.name})", rows,
                                  ["model", "clean_acc", "asr", "robust_acc"]))
     print_json_line({"checkpoints": [str(p) for p, _ in done], "metrics": [m for _, m in done]})
+
+
+@app.command("list")
+def list_() -> None:
+    """List the attacks, defenses and models, one line each (`antidoor describe NAME` for parameters).
+
+    Example: antidoor list
+    """
+    from rich.markup import escape
+
+    from antidoor.catalog import catalog
+
+    for kind, entries in catalog().items():
+        console.print(f"[bold]{kind}[/bold]")
+        for name, summary in entries.items():
+            console.print(f"  {escape(name):<22} {escape(summary)}", highlight=False, soft_wrap=True)
+    print_json_line({k: list(v) for k, v in catalog().items()})
+
+
+@app.command()
+def describe(name: str = typer.Argument(..., help="an attack, defense or model name (see `antidoor list`)")) -> None:
+    """Describe an attack, defense or model: its paper, defaults, deviations and every parameter.
+
+    Example: antidoor describe sau   (then: antidoor purify M --defense sau --set defense.rounds=20)
+    """
+    from rich.markup import escape
+
+    from antidoor.catalog import describe as describe_entry
+
+    d = describe_entry(name)
+    console.print(f"[bold]{d['kind']} {escape(d['name'])}[/bold]\n\n{escape(d['doc'])}\n", highlight=False)
+    section = {"attack": "attack", "defense": "defense", "model": "model"}[d["kind"]]
+    if d["params"]:
+        table = Table(title=f"parameters (--set {section}.NAME=VALUE)", title_justify="left")
+        for c in ("name", "default", "description"):
+            table.add_column(c, overflow="fold")
+        for p in d["params"]:
+            table.add_row(escape(p["name"]), escape(p["default"]), escape(p["description"]))
+        console.print(table)
+    print_json_line(d)
 
 
 # -- studies: grid, results, report -------------------------------------------------------------------
@@ -371,7 +434,10 @@ def grid(
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store."""
+    """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store.
+
+    Example: antidoor grid study.yaml --out runs/study   (then: antidoor grid --resume --out runs/study)
+    """
     from rich.markup import escape
 
     from antidoor.experiment import STORE_NAME, Store, load_study, run_grid
@@ -406,7 +472,10 @@ def results(
     dataset: list[str] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
     mean: bool = typer.Option(False, "--mean", help="mean (and sd) over seeds instead of one row per seed"),
 ) -> None:
-    """Print a study's results: one row per model (clean reference, backdoored, each defense) and seed."""
+    """Print a study's results: one row per model (clean reference, backdoored, each defense) and seed.
+
+    Example: antidoor results runs/study --format markdown --attack badnets --mean
+    """
     from rich.markup import escape
 
     from antidoor.experiment import Store
@@ -439,7 +508,10 @@ def report(
     folder: Path = typer.Argument(..., help="a study folder (or its study.sqlite)"),
     out: Path = typer.Option(None, "--out", "-o", help="where report.html and report.md go (default: the study folder)"),
 ) -> None:
-    """Write a self-contained HTML report (tables and plots) and a Markdown version of a study."""
+    """Write a self-contained HTML report (verdict first, then tables and plots) and a Markdown version of a study.
+
+    Example: antidoor report runs/study
+    """
     from antidoor.report import write_report
 
     store = _study_store(folder)
