@@ -108,24 +108,17 @@ def test_poisoned_images_from_npz_and_folder(badnets_run, tmp_path):
         sc2.use_poisoned(samples=read_samples(tmp_path / "small.npz"))
 
 
-PLUGIN = '''
-import torch
-from pydantic import Field
-from antidoor.attacks import ATTACKS, Attack, AttackParams
+def _documented_plugin() -> str:
+    """The plugin example of antidoor.plugins' docstring, so the documented example is the one tested."""
+    import textwrap
 
-class StripeParams(AttackParams):
-    row: int = Field(0, ge=0, description="which image row turns white")
+    import antidoor.plugins
 
-@ATTACKS.register("stripe")
-class Stripe(Attack):
-    name = "stripe"
-    Params = StripeParams
+    doc = antidoor.plugins.__doc__
+    return textwrap.dedent(doc.split("::\n\n", 1)[1].split("\n\nA checkpoint", 1)[0])
 
-    def stamp(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        x[..., self.params.row, :] = 1.0
-        return x
-'''
+
+PLUGIN = _documented_plugin()
 
 
 def test_plugin_attack_from_the_users_file(run_cli, saved_run, tmp_path):
