@@ -78,12 +78,15 @@ def test_cli_import_then_stress_in_two_commands(run_cli, badnets_run, clean_run,
     jsonschema.validate(sidecar, schema("checkpoint-sidecar"))
     assert load_checkpoint(tmp_path / "imported" / "bd.safetensors").attack.name == "badnets"
     out = tmp_path / "stress"
+    (tmp_path / "poisoned.txt").write_text(" ".join(str(i) for i in range(0, 5000, 250)))  # the attacker's, as indices
     res = run_cli("stress", tmp_path / "imported" / "ft.safetensors", "--backdoored", tmp_path / "imported" / "bd.safetensors",
-                  "--clean-ref", tmp_path / "imported" / "clean.safetensors", "--set", "ra.seeds=[0]", "--set", "ra.epochs=1",
-                  "--set", "qra=null", "--set", "path=null", "--device", "cpu", "--out", out)
+                  "--clean-ref", tmp_path / "imported" / "clean.safetensors", "--poisoned-indices", tmp_path / "poisoned.txt",
+                  "--set", "ra.seeds=[0]", "--set", "ra.epochs=1", "--set", "qra=null", "--set", "path=null",
+                  "--set", "ep=false", "--device", "cpu", "--out", out)
     assert res.returncode == 0, res.stderr
-    assert "no recorded poisoned training samples" in res.stderr  # said, not silent
     doc = json.loads((out / "stress.json").read_text())
+    assert doc["data"]["ra_set"]["poisoned_from"] == "recorded poisoned training samples"
+    assert {c["name"]: c["ok"] for c in doc["checks"]}["poisoned_samples"]
     jsonschema.validate(doc, schema("stress"))
     assert doc["verdicts"]["ft"]["verdict"] in ("not purified", "superficial", "deep")
 

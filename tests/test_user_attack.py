@@ -72,9 +72,12 @@ def test_poisoned_indices_from_a_file(badnets_run, tmp_path):
     sc.use_poisoned(indices=read_indices(tmp_path / "idx.txt"))
     assert torch.equal(sc.splits.poison, poison[:50]) and sc.oracle_available()
     assert ra_data_for(sc, RAConfig()).source == "recorded poisoned training samples"
-    (tmp_path / "bad.json").write_text(json.dumps([int(sc.splits.defender_train[0])]))
-    with pytest.raises(AntidoorError, match=r"poisoned index \d+ is among the defender's clean images"):
-        sc.use_poisoned(indices=read_indices(tmp_path / "bad.json"))
+    first = int(sc.splits.defender_train[0])
+    (tmp_path / "overlap.json").write_text(json.dumps([first, *poison[:5].tolist()]))
+    n_defender = len(sc.splits.defender_train)
+    sc.use_poisoned(indices=read_indices(tmp_path / "overlap.json"))  # a poisoned image leaves the defender's clean data
+    assert first in sc.splits.poison.tolist() and first not in sc.splits.defender_train.tolist()
+    assert len(sc.splits.defender_train) == n_defender - 1
     np.save(tmp_path / "far.npy", np.array([10**6]))
     with pytest.raises(AntidoorError, match=r"poisoned index 1000000 is outside the training set"):
         sc.use_poisoned(indices=read_indices(tmp_path / "far.npy"))

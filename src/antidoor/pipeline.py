@@ -94,11 +94,14 @@ class Scenario:
             if int(indices.min()) < 0 or int(indices.max()) >= n:
                 raise AntidoorError(f"poisoned index {int(indices.max())} is outside the training set of "
                                     f"{self.data.name!r}; allowed: 0..{n - 1}")
-            clash = torch.isin(indices, torch.cat([s.defender_train, s.defender_val]))
-            if clash.any():
-                raise AntidoorError(f"poisoned index {int(indices[clash][0])} is among the defender's clean images; "
-                                    f"draw the defender's data with another seed, or check the indices")
-            self.splits = Splits(s.defender_train, s.defender_val, indices)
+            # the defender's data must be clean: poisoned images drawn into it (a split drawn without knowing them) leave it
+            keep_train, keep_val = ~torch.isin(s.defender_train, indices), ~torch.isin(s.defender_val, indices)
+            dropped = int((~keep_train).sum() + (~keep_val).sum())
+            if dropped:
+                warn(f"{dropped} of the poisoned indices were among the defender's clean images; they leave the defender's data")
+            if not keep_train.any() or not keep_val.any():
+                raise AntidoorError("the poisoned indices cover the defender's whole clean training or validation set")
+            self.splits = Splits(s.defender_train[keep_train], s.defender_val[keep_val], indices)
         if samples is not None:
             if tuple(samples.x.shape[1:]) != tuple(self.data.image_shape):
                 raise AntidoorError(f"poisoned samples ({samples.source}) are {tuple(samples.x.shape[1:])} images; "
