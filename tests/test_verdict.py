@@ -86,3 +86,22 @@ def test_results_load_gives_a_dataframe_with_the_verdict(real_stress, tmp_path):
     assert list(df.index) == ["untouched", "fresh", "backdoored", "clean"]
     assert df.loc["untouched", "verdict"] == "not purified" and df.loc["fresh", "verdict"] == "deep"
     assert df.loc["fresh", "p_asr_ci_low"] <= df.loc["fresh", "p_asr_mean"] <= df.loc["fresh", "p_asr_ci_high"]
+
+
+def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
+    """Tiny-scale code path of issue 18's item 5: the trigger recovered from the backdoored model (BTI-DBF
+    inversion) is the one RA stamps and asr is measured under; the verdict comes out of it the same way."""
+    from antidoor.stress.guards import GuardConfig
+    from antidoor.stress.inverted import InversionConfig
+
+    sc = badnets_run.result.scenario
+    bd, clean = badnets_run.result.model, clean_run.result.model
+    cfg = QUICK.model_copy(update={"inversion": InversionConfig(generator_width=4, pretrain_epochs=1, mask_epochs=1,
+                                                                generator_epochs=2, batch_size=50),
+                                   "guards": GuardConfig(enforce=False)})  # a 2-epoch inversion may not reach 50% asr
+    res = run_stress({"fresh": clean}, bd, clean, sc, cfg)
+    assert res.data["attack"]["name"] == "inverted" and sc.attack.name == "badnets"  # the caller's scenario is untouched
+    assert res.data["attack"]["target"] == 0  # detected: the BadNets model's target
+    assert res.models["backdoored"].ra.o_asr > 0.5 and res.models["clean"].ra.o_asr < 0.2  # G reactivates the backdoor only
+    assert res.verdicts()["fresh"].verdict in ("not purified", "superficial", "deep")
+    assert "ep" not in res.models

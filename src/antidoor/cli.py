@@ -276,9 +276,11 @@ def stress(
     if backdoored is None:
         raise AntidoorError("--backdoored is required: the backdoored checkpoint the purified models came from")
     bd = load_checkpoint(backdoored)
-    if bd.attack is None or bd.attack.name == "none":
-        raise AntidoorError(f"the backdoored checkpoint {str(backdoored)!r} records no attack, so asr cannot be measured")
-    spec = {k: v for k, v in bd.attack.spec().items() if k != "pratio"}
+    known = bd.attack is not None and bd.attack.name != "none"
+    if not known and cfg.inversion is None:
+        raise AntidoorError(f"the backdoored checkpoint {str(backdoored)!r} records no attack, so asr cannot be measured; "
+                            "give its trigger (antidoor import --attack ...) or recover one with --set inversion={}")
+    spec = {k: v for k, v in bd.attack.spec().items() if k != "pratio"} if known else None
     models, paths = {}, []
     for arg in purified:
         label, path = None, Path(arg)
@@ -286,7 +288,8 @@ def stress(
             label, path = arg.split("=", 1)[0], Path(arg.split("=", 1)[1])
         paths.append(path)
         ckpt = load_checkpoint(path)
-        if ckpt.attack is not None and {k: v for k, v in ckpt.attack.spec().items() if k != "pratio"} != spec:
+        own = {k: v for k, v in ckpt.attack.spec().items() if k != "pratio"} if ckpt.attack is not None else None
+        if spec is not None and own is not None and own != spec:
             raise AntidoorError(f"{str(path)!r} records attack {ckpt.attack.spec()}, "
                                 f"but the backdoored model has {bd.attack.spec()}")
         name = label or str((ckpt.meta.get("defense") or {}).get("name") or path.stem)

@@ -10,6 +10,7 @@ each atomically. Nothing here chooses anything with the test split: it is only m
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from antidoor.defenses import purify
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
 from antidoor.stress.guards import GuardConfig, check_scenario, require_classifier
+from antidoor.stress.inverted import InversionConfig, inverted_attack
 from antidoor.stress.path import PathConfig, PathResult, _describe, backdoor_path, check_same_architecture
 from antidoor.stress.plots import path_png, ra_curve_png
 from antidoor.stress.qra import QRAConfig, QRAData, QRAResult, make_qra_data, qra
@@ -51,6 +53,8 @@ class StressConfig(ModelStressConfig):
     ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
     guards: GuardConfig = GuardConfig()
     verdict: VerdictConfig = VerdictConfig()
+    inversion: InversionConfig | None = Field(None, description="trigger unknown: recover one from the backdoored "
+                                                                "model (BTI-DBF inversion); null: the given trigger")
 
 
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
@@ -154,8 +158,11 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
         if cfg.path is not None:
             check_same_architecture(m, backdoored, (name, "backdoored"))
     named = {n: m.to(dev).eval() for n, m in named.items()}
+    if cfg.inversion is not None:  # the trigger is unknown: stress under one recovered from the backdoored model
+        scenario = copy.copy(scenario)
+        scenario.attack, scenario._evaluator = inverted_attack(backdoored, scenario, cfg.inversion), None
     checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards)
-    if ep is None and cfg.ep:
+    if ep is None and cfg.ep and cfg.inversion is None:
         if scenario.oracle_available():
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
             ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed, **cfg.ep_params)
