@@ -25,6 +25,9 @@ from antidoor.errors import AntidoorError
 from antidoor.experiment import STORE_NAME, Store, load_study, plan, run_grid
 from antidoor.experiment.store import Metric
 from antidoor.report import build_report, curve_rows, filter_rows, render, result_rows, write_report
+from antidoor.report.html import to_html
+from antidoor.report.markdown import to_markdown
+from antidoor.stress.verdict import VERDICTS
 
 TINY = {
     "name": "tiny",
@@ -390,6 +393,9 @@ def test_grid_stress_stages_record_p_asr_and_curves_then_report_them(inline_stud
     assert {"defenses", "retuning", "curves_path", "curves_retune", "curves_curve"} <= stems
     assert all(png.startswith(b"\x89PNG") for _, _, png in report.figures)
     assert not any("without the stress suite" in n for n in report.notes)
+    # the verdict section: ft#1 judged against its seed's clean reference (ft#2 failed, so it has none)
+    assert [(v["defense"], v["verdict"] in VERDICTS, v["seeds_agreeing"]) for v in report.verdicts] == [("ft#1", True, "1/1")]
+    assert to_markdown(report, "f").splitlines()[2] == "## Verdict" and "<h2>Verdict</h2>" in to_html(report)
 
     again = run_grid(study, folder, resume=True)
     assert (again.reused, again.done, again.failed) == (6, 0, 2)  # only the failing ft#2 and its stress are tried again

@@ -30,6 +30,7 @@ from antidoor.stress import (
     write_report,
 )
 from antidoor.stress.path import PathConfig
+from antidoor.stress.verdict import VERDICTS
 
 SMALL = StressConfig(ra=RAConfig(seeds=[0], epochs=1), qra=QRAConfig(n_clean=64, n_poison=64, epochs=1, hidden=32),
                      path=PathConfig(points=3), ep_params={"epochs": 2, "batch_size": 50})
@@ -252,7 +253,10 @@ def test_cli_stress_writes_report(run_cli, saved_run, stress_ckpts, tmp_path):
     doc = json.loads((tmp_path / "stress.json").read_text())
     assert [r["model"] for r in doc["table"]] == ["ft", "backdoored", "clean"]
     assert doc["config"]["path"]["points"] == 3 and doc["seconds"] > 0
-    assert json.loads(res.stdout.strip().splitlines()[-1])["table"][0]["model"] == "ft"
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["table"][0]["model"] == "ft" and last["verdicts"]["ft"] in VERDICTS
+    assert res.stderr.lstrip().startswith(f"ft: {last['verdicts']['ft']}")  # the verdict before the tables
+    assert (tmp_path / "stress.md").read_text().splitlines()[2] == "## Verdict"
 
 
 @pytest.mark.parametrize("case", ["missing", "architecture", "param", "no_backdoored", "bn"])

@@ -26,6 +26,16 @@ app = typer.Typer(
     help="Backdoor purification that holds up under attack: implant, purify, measure, stress, report.",
 )
 
+@app.callback()
+def _plugins(plugin: list[Path] = typer.Option(None, "--plugin", help="a Python file registering your own attack (or "
+                                               "defense, model); RUNS ITS CODE, so name only files you trust. Repeatable; "
+                                               "e.g. antidoor --plugin my_attack.py attack --attack stripe")) -> None:
+    from antidoor.plugins import load_plugin
+
+    for p in plugin or []:
+        load_plugin(p)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (sections: data, model, attack, train, ...)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a config key, e.g. --set attack.pratio=0.05 (repeatable)")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -73,6 +83,8 @@ def attack(
     """Train a backdoored model (or a clean reference with --pratio 0 or --attack none).
 
     Example: antidoor attack --preset fast --attack blended --pratio 0.1 --out runs/blended
+
+    Attacks and their parameters: `antidoor list`, `antidoor describe badnets`.
     """
     from antidoor.checkpoint import save_checkpoint
     from antidoor.config import AttackRunConfig, build_config
@@ -112,7 +124,10 @@ def evaluate(
     out: Path = typer.Option(None, "--out", "-o", help="folder for metrics.json (default: beside the checkpoint)"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Print and save clean_acc, asr and robust_acc of a checkpoint under an attack."""
+    """Print and save clean_acc, asr and robust_acc of a checkpoint under an attack.
+
+    Example: antidoor evaluate runs/badnets/model.safetensors --attack blended
+    """
     from antidoor.attacks import create_attack
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import EvaluateConfig, build_config
@@ -147,7 +162,7 @@ def evaluate(
 @app.command()
 def purify(
     checkpoint: Path = typer.Argument(..., help="the (backdoored) model: a .safetensors checkpoint with its .json sidecar"),
-    defense: str = typer.Option(None, "--defense", "-d", help="defense name (default sau); see the list below"),
+    defense: str = typer.Option(None, "--defense", "-d", help="defense name (default sau); all of them: `antidoor list`"),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     data: str = typer.Option(None, "--data", help="defender data (default: the checkpoint's dataset and recorded split)"),
@@ -160,6 +175,10 @@ def purify(
 
     The defense sees only the defender's clean data (and its validation part); the test split is
     used afterwards, to measure. Parameters: --set defense.rounds=20 and so on.
+
+    Example: antidoor purify runs/badnets/model.safetensors --defense sau --set defense.rounds=20 --out runs/sau
+
+    Defenses: `antidoor list`; a defense's parameters and defaults: `antidoor describe sau`.
     """
     from antidoor.checkpoint import load_checkpoint, save_checkpoint
     from antidoor.config import PurifyConfig, build_config
@@ -205,7 +224,10 @@ def demo(
     quiet: bool = QuietOpt,
 ) -> None:
     """The main job on the bundled mini CIFAR-10, offline: train a clean and a BadNets model, purify with FT, SAU and EP,
-    then the superficial-safety table (asr before and after the retuning attack)."""
+    then the superficial-safety table (asr before and after the retuning attack).
+
+    Example: antidoor demo --out runs/demo
+    """
     from antidoor.demo import run_demo
 
     set_quiet(quiet)
@@ -223,6 +245,10 @@ def stress(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     data: str = typer.Option(None, "--data", help="data (default: the backdoored checkpoint's dataset and recorded split)"),
+    poisoned: Path = typer.Option(None, "--poisoned", help="the attacker's poisoned images, trigger on: an .npz with x "
+                                                           "(+ y, their true labels, for EP) or a folder of images"),
+    poisoned_indices: Path = typer.Option(None, "--poisoned-indices", help="the attacker's poisoned training images as "
+                                                                           "indices into the data (.txt, .json or .npy)"),
     device: str = DeviceOpt,
     seed: int = SeedOpt,
     out: Path = typer.Option(Path("runs/stress"), "--out", "-o", help="output folder"),
@@ -233,8 +259,17 @@ def stress(
     Writes stress.json, stress.md, ra_curve.png and path.png. Settings: --set ra.seeds=[0,1,2],
     --set ra.epochs=5, --set qra.epochs=50, --set path.points=21, --set path.bn=interpolate,
     --set qra=null (skip QRA), --set path=null (skip the path).
+
+    Example: antidoor stress runs/sau/model.safetensors --backdoored runs/badnets/model.safetensors
+    --clean-ref runs/clean/model.safetensors --out runs/stress
+
+    The verdict per purified model (not purified, superficial, deep) comes first. Before anything runs, guardrails
+    refuse a trigger the backdoored model does not know and models near chance (--set guards.enforce=false to
+    override).
     """
     import time
+
+    from rich.markup import escape
 
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import StressRunConfig, build_config
@@ -247,9 +282,11 @@ def stress(
     if backdoored is None:
         raise AntidoorError("--backdoored is required: the backdoored checkpoint the purified models came from")
     bd = load_checkpoint(backdoored)
-    if bd.attack is None or bd.attack.name == "none":
-        raise AntidoorError(f"the backdoored checkpoint {str(backdoored)!r} records no attack, so asr cannot be measured")
-    spec = {k: v for k, v in bd.attack.spec().items() if k != "pratio"}
+    known = bd.attack is not None and bd.attack.name != "none"
+    if not known and cfg.inversion is None:
+        raise AntidoorError(f"the backdoored checkpoint {str(backdoored)!r} records no attack, so asr cannot be measured; "
+                            "give its trigger (antidoor import --attack ...) or recover one with --set inversion={}")
+    spec = {k: v for k, v in bd.attack.spec().items() if k != "pratio"} if known else None
     models, paths = {}, []
     for arg in purified:
         label, path = None, Path(arg)
@@ -257,7 +294,8 @@ def stress(
             label, path = arg.split("=", 1)[0], Path(arg.split("=", 1)[1])
         paths.append(path)
         ckpt = load_checkpoint(path)
-        if ckpt.attack is not None and {k: v for k, v in ckpt.attack.spec().items() if k != "pratio"} != spec:
+        own = {k: v for k, v in ckpt.attack.spec().items() if k != "pratio"} if ckpt.attack is not None else None
+        if spec is not None and own is not None and own != spec:
             raise AntidoorError(f"{str(path)!r} records attack {ckpt.attack.spec()}, "
                                 f"but the backdoored model has {bd.attack.spec()}")
         name = label or str((ckpt.meta.get("defense") or {}).get("name") or path.stem)
@@ -265,6 +303,11 @@ def stress(
             name += "'"
         models[name] = ckpt.model
     scenario = Scenario.from_checkpoint(bd, cfg.data, cfg.device)
+    if poisoned is not None or poisoned_indices is not None:
+        from antidoor.poisoned import read_indices, read_samples
+
+        scenario.use_poisoned(read_indices(poisoned_indices) if poisoned_indices is not None else None,
+                              read_samples(poisoned) if poisoned is not None else None)
     clean = load_checkpoint(clean_ref).model if clean_ref is not None else None
     ep_model = load_checkpoint(ep).model if ep is not None else None
     if clean is None:
@@ -276,11 +319,104 @@ def stress(
                         "clean_ref": str(clean_ref) if clean_ref else None, "ep": str(ep) if ep else "auto" if cfg.ep else None})
     result.seconds = round(time.perf_counter() - t0, 1)  # the whole command, loading included
     written = write_report(result, out)
+    verdicts = result.verdicts()
+    for v in verdicts.values():  # the verdict first; the table that backs it follows
+        color = {"deep": "green", "superficial": "yellow"}.get(v.verdict, "red")
+        console.print(f"[bold {color}]{escape(v.model)}: {v.word}[/]. {escape(v.details())}", highlight=False, soft_wrap=True)
     rows = result.table()
     console.print(_metrics_table("superficial safety (RA; metrics on the test split)", rows,
                                  ["model", "clean_acc", "o_asr", "p_asr_mean", "p_asr_std", "qra_asr_purified", "qra_asr_clean"]))
     console.print(f"wrote {', '.join(str(w) for w in written)} in {result.seconds:.0f} s")
-    print_json_line({"table": rows, "seconds": result.seconds})
+    print_json_line({"verdicts": {n: v.verdict for n, v in verdicts.items()}, "table": rows, "seconds": result.seconds})
+
+
+def _floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise AntidoorError(f"{option} {text!r}: expected comma-separated numbers, e.g. 0.4914,0.4822,0.4465") from None
+
+
+@app.command("import")
+def import_(
+    weights: list[Path] = typer.Argument(..., help="state dicts trained elsewhere: .safetensors, or .pt/.pth of tensors only"),
+    arch: str = typer.Option(None, "--arch", help="torchvision:<arch>, timm:<arch> or an antidoor model name"),
+    num_classes: int = typer.Option(None, "--num-classes", help="classes the network was trained for"),
+    mean: str = typer.Option(None, "--mean", help="input normalisation mean per channel, e.g. 0.4914,0.4822,0.4465"),
+    std: str = typer.Option(None, "--std", help="input normalisation std per channel, e.g. 0.247,0.243,0.261"),
+    attack_name: str = typer.Option(None, "--attack", help="the backdoor's trigger (badnets, blended, ...; see `antidoor list`)"),
+    target: int = typer.Option(None, "--target", help="the backdoor's target class"),
+    data: str = typer.Option(None, "--data", help="the data the network belongs to (default cifar10-mini)"),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    seed: int = SeedOpt,
+    out: Path = typer.Option(Path("runs/imported"), "--out", "-o", help="output folder: <stem>.safetensors + <stem>.json each"),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Turn plain state dicts trained elsewhere into antidoor checkpoints (weights + sidecar) for evaluate, purify, stress.
+
+    Example: antidoor import bd.pt ft.pt clean.pt --arch torchvision:resnet18 --num-classes 10
+    --mean 0.4914,0.4822,0.4465 --std 0.247,0.243,0.261 --attack badnets --target 0 --out runs/mine
+
+    (a torchvision ResNet-18 backdoored with a 3x3 corner patch, its purification and a clean one; then
+    antidoor stress runs/mine/ft.safetensors --backdoored runs/mine/bd.safetensors --clean-ref runs/mine/clean.safetensors)
+
+    A mismatching key or shape is named with what the architecture expects.
+    """
+    from antidoor.config import ImportConfig, build_config
+    from antidoor.importer import import_run
+
+    set_quiet(quiet)
+    cfg = build_config(ImportConfig, config, set_, model__name=arch, model__num_classes=num_classes,
+                       model__mean=_floats(mean, "--mean"), model__std=_floats(std, "--std"), attack__name=attack_name,
+                       attack__target=target, data__name=data, seed=seed)
+    done = import_run(weights, cfg, out)
+    rows = [{"model": str(p), **m} for p, m in done]
+    console.print(_metrics_table(f"imported as {cfg.model.name} (test split of {cfg.data.name})", rows,
+                                 ["model", "clean_acc", "asr", "robust_acc"]))
+    print_json_line({"checkpoints": [str(p) for p, _ in done], "metrics": [m for _, m in done]})
+
+
+@app.command("list")
+def list_() -> None:
+    """List the attacks, defenses and models, one line each (`antidoor describe NAME` for parameters).
+
+    Example: antidoor list
+    """
+    from rich.markup import escape
+
+    from antidoor.catalog import catalog
+
+    for kind, entries in catalog().items():
+        console.print(f"[bold]{kind}[/bold]")
+        for name, summary in entries.items():
+            console.print(f"  {escape(name):<22} {escape(summary)}", highlight=False, soft_wrap=True)
+    print_json_line({k: list(v) for k, v in catalog().items()})
+
+
+@app.command()
+def describe(name: str = typer.Argument(..., help="an attack, defense or model name (see `antidoor list`)")) -> None:
+    """Describe an attack, defense or model: its paper, defaults, deviations and every parameter.
+
+    Example: antidoor describe sau   (then: antidoor purify M --defense sau --set defense.rounds=20)
+    """
+    from rich.markup import escape
+
+    from antidoor.catalog import describe as describe_entry
+
+    d = describe_entry(name)
+    console.print(f"[bold]{d['kind']} {escape(d['name'])}[/bold]\n\n{escape(d['doc'])}\n", highlight=False)
+    section = {"attack": "attack", "defense": "defense", "model": "model"}[d["kind"]]
+    if d["params"]:
+        table = Table(title=f"parameters (--set {section}.NAME=VALUE)", title_justify="left")
+        for c in ("name", "default", "description"):
+            table.add_column(c, overflow="fold")
+        for p in d["params"]:
+            table.add_row(escape(p["name"]), escape(p["default"]), escape(p["description"]))
+        console.print(table)
+    print_json_line(d)
 
 
 # -- studies: grid, results, report -------------------------------------------------------------------
@@ -307,7 +443,10 @@ def grid(
     device: str = DeviceOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store."""
+    """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store.
+
+    Example: antidoor grid study.yaml --out runs/study   (then: antidoor grid --resume --out runs/study)
+    """
     from rich.markup import escape
 
     from antidoor.experiment import STORE_NAME, Store, load_study, run_grid
@@ -342,7 +481,10 @@ def results(
     dataset: list[str] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
     mean: bool = typer.Option(False, "--mean", help="mean (and sd) over seeds instead of one row per seed"),
 ) -> None:
-    """Print a study's results: one row per model (clean reference, backdoored, each defense) and seed."""
+    """Print a study's results: one row per model (clean reference, backdoored, each defense) and seed.
+
+    Example: antidoor results runs/study --format markdown --attack badnets --mean
+    """
     from rich.markup import escape
 
     from antidoor.experiment import Store
@@ -375,7 +517,10 @@ def report(
     folder: Path = typer.Argument(..., help="a study folder (or its study.sqlite)"),
     out: Path = typer.Option(None, "--out", "-o", help="where report.html and report.md go (default: the study folder)"),
 ) -> None:
-    """Write a self-contained HTML report (tables and plots) and a Markdown version of a study."""
+    """Write a self-contained HTML report (verdict first, then tables and plots) and a Markdown version of a study.
+
+    Example: antidoor report runs/study
+    """
     from antidoor.report import write_report
 
     store = _study_store(folder)

@@ -22,7 +22,8 @@ from pydantic import (
 from antidoor.attacks.base import validate_attack_spec
 from antidoor.defenses.base import validate_defense_spec
 from antidoor.errors import AntidoorError, format_validation_error
-from antidoor.models import MODELS
+from antidoor.importer import ImportedModel
+from antidoor.models import model_factory
 from antidoor.presets import preset_values
 from antidoor.stress.retune import RAConfig
 from antidoor.stress.suite import StressConfig
@@ -61,7 +62,7 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        MODELS.get(v)  # raises with the list of models
+        model_factory(v)  # raises with the list of models (or the namespace's)
         return v
 
 
@@ -191,6 +192,16 @@ class PurifyConfig(BaseModel):
     data: DataConfig | None = None
     seed: int = Field(0, ge=0)
     device: str = "auto"
+
+
+class ImportConfig(BaseModel):
+    """``antidoor import``: the architecture and normalisation of a state dict trained elsewhere, its data and trigger."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ImportedModel
+    data: DataConfig = DataConfig()
+    attack: AttackSpec | None = Field(None, description="the backdoor's trigger (for a backdoored model and its purifications)")
+    seed: int = Field(0, ge=0, description="seed of the trigger's random parts (Blended's pattern, ...)")
 
 
 class StressRunConfig(StressConfig):

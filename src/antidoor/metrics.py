@@ -55,13 +55,19 @@ class Evaluator:
             self.x_bd = torch.cat([self.attack.apply_uint8(kept[i:i + batch_size]) for i in range(0, len(kept), batch_size)])
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
+        return self.measure(model)[0]
+
+    def measure(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The metrics and, per triggered test image, whether it went to the target (a bool CPU tensor;
+        None without an attack): what a bootstrap over test images resamples."""
         result = {"clean_acc": (predict(model, self.x, self.batch_size) == self.y.to(_device(model))).float().mean().item()}
-        if self.attack is not None:
-            pred = predict(model, self.x_bd, self.batch_size)
-            y_bd = self.y_bd.to(pred.device)
-            result["asr"] = (pred == self.attack.target).float().mean().item()
-            result["robust_acc"] = (pred == y_bd).float().mean().item()
-        return result
+        if self.attack is None:
+            return result, None
+        pred = predict(model, self.x_bd, self.batch_size)
+        hits = pred == self.attack.target
+        result["asr"] = hits.float().mean().item()
+        result["robust_acc"] = (pred == self.y_bd.to(pred.device)).float().mean().item()
+        return result, hits.cpu()
 
 
 def _device(model: nn.Module) -> torch.device:

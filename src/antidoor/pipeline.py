@@ -22,6 +22,7 @@ from antidoor.defenses.base import DefenderData
 from antidoor.errors import AntidoorError
 from antidoor.metrics import Evaluator
 from antidoor.models import Classifier, build_model
+from antidoor.poisoned import PoisonedSamples
 from antidoor.train import BatchHook, TrainConfig, train
 from antidoor.utils import info, resolve_device, seed_everything, warn
 
@@ -35,6 +36,7 @@ class Scenario:
     seed: int
     notes: list[str] = field(default_factory=list)
     _evaluator: Evaluator | None = None
+    poisoned_samples: PoisonedSamples | None = None  # the attacker's triggered images, given as files (antidoor.poisoned)
 
     @classmethod
     def build(cls, data_cfg: DataConfig, attack_spec: dict[str, Any], seed: int = 0,
@@ -74,6 +76,10 @@ class Scenario:
         attack = ckpt.attack or create_attack({"name": "none", "pratio": 0.0}, data.image_shape, data.num_classes)
         splits = ckpt.splits
         same_data = recorded is not None and recorded.get("name") == data_cfg.name
+        if splits is not None and recorded is None and _indexes(splits, len(data.y_train)):
+            # saved without its dataset (save_checkpoint(path, model, {}, attack, splits)): keep the recorded splits
+            warn(f"the checkpoint records splits but not its dataset; they are taken as indices into {data_cfg.name!r}")
+            same_data = True
         if splits is None or not same_data:
             splits, _ = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio, pratio=0.0,
                                     target=attack.target, clean_label=False, seed=seed, clean_count=data_cfg.clean_count)
@@ -82,6 +88,35 @@ class Scenario:
     @property
     def device(self) -> torch.device:
         return self.data.x_train.device
+
+    def use_poisoned(self, indices: torch.Tensor | None = None, samples: PoisonedSamples | None = None) -> None:
+        """The attacker's poisoned samples for a model trained elsewhere: training indices, or triggered images."""
+        s, n = self.splits, len(self.data.y_train)
+        if indices is not None:
+            if int(indices.min()) < 0 or int(indices.max()) >= n:
+                raise AntidoorError(f"poisoned index {int(indices.max())} is outside the training set of "
+                                    f"{self.data.name!r}; allowed: 0..{n - 1}")
+            # the defender's data must be clean: poisoned images drawn into it (a split drawn without knowing them) leave it
+            keep_train, keep_val = ~torch.isin(s.defender_train, indices), ~torch.isin(s.defender_val, indices)
+            dropped = int((~keep_train).sum() + (~keep_val).sum())
+            if dropped:
+                warn(f"{dropped} of the poisoned indices were among the defender's clean images; they leave the defender's data")
+            if not keep_train.any() or not keep_val.any():
+                raise AntidoorError("the poisoned indices cover the defender's whole clean training or validation set")
+            self.splits = Splits(s.defender_train[keep_train], s.defender_val[keep_val], indices)
+        if samples is not None:
+            if tuple(samples.x.shape[1:]) != tuple(self.data.image_shape):
+                raise AntidoorError(f"poisoned samples ({samples.source}) are {tuple(samples.x.shape[1:])} images; "
+                                    f"the data's are {tuple(self.data.image_shape)}")
+            if samples.y is not None and (int(samples.y.min()) < 0 or int(samples.y.max()) >= self.data.num_classes):
+                raise AntidoorError(f"poisoned samples ({samples.source}): label {int(samples.y.max())} is not a class")
+            self.poisoned_samples = PoisonedSamples(samples.x.to(self.device), None if samples.y is None
+                                                    else samples.y.to(self.device), samples.source)
+
+    def oracle_available(self) -> bool:
+        """Whether EP can be purified: the poisoned samples are known with their true labels."""
+        p = self.poisoned_samples
+        return bool(len(self.splits.poison)) or (p is not None and p.y is not None)
 
     def attacker_data(self) -> AttackerData:
         """The training set the attacker poisons, which attacks that fit their trigger may use."""
@@ -130,7 +165,10 @@ class Scenario:
         """The defender's clean images; with ``oracle`` also the poisoned ones with their true labels."""
         d, s = self.data, self.splits
         poisoned_x = poisoned_y = None
-        if oracle and len(s.poison):
+        given = self.poisoned_samples
+        if oracle and given is not None and given.y is not None:
+            poisoned_x, poisoned_y = given.x, given.y
+        elif oracle and len(s.poison):
             idx = s.poison.to(self.device)
             x = self.prepare_attack().replace_sources(d.x_train[idx].float().div_(255), idx)
             poisoned_x = self.attack.apply(x).mul_(255).round_().to(torch.uint8)
@@ -144,6 +182,12 @@ class Scenario:
         return {**self.data.describe(), "config": self.data_config.model_dump(), "split_seed": self.seed,
                 "n_poison": len(self.splits.poison), "n_defender_train": len(self.splits.defender_train),
                 "n_defender_val": len(self.splits.defender_val), "notes": self.notes}
+
+
+def _indexes(splits: Splits, n: int) -> bool:
+    """Whether every recorded index lies in a training set of ``n`` images."""
+    parts = [t for t in (splits.defender_train, splits.defender_val, splits.poison) if len(t)]
+    return all(int(t.min()) >= 0 and int(t.max()) < n for t in parts)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from antidoor.attacks import (  # noqa: F401  (registration)
     input_aware,
     lc,
     lf,
+    patch,
     sig,
     ssba_style,
     trojannn,

@@ -47,13 +47,24 @@ class Classifier(nn.Module):
         return True
 
 
+def model_factory(name: str) -> Any:
+    """The factory of a registered model, or of a namespaced one (``torchvision:resnet18``, ``timm:vit_tiny_patch16_224``)."""
+    if ":" in name:
+        from antidoor.models.external import external_factory
+
+        return external_factory(name)
+    return MODELS.get(name)
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, mean: tuple[float, ...] | None = None,
                 std: tuple[float, ...] | None = None, **kwargs: Any) -> Classifier:
     """Create a registered architecture wrapped with its input normalisation.
 
     >>> model = build_model("preact_resnet18", num_classes=10, width=16)
     """
-    factory = MODELS.get(name)
+    factory = model_factory(name)
+    if ":" in name:  # torchvision:/timm: networks have their own widths; antidoor's model.width does not apply
+        kwargs.pop("width", None)
     if num_classes < 2:
         raise AntidoorError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels not in (1, 3):

@@ -12,7 +12,8 @@ from typing import Any
 
 from antidoor.experiment.store import Store
 from antidoor.report import plots
-from antidoor.report.tables import aggregate, cell, curve_rows, display_columns, result_rows
+from antidoor.report.tables import aggregate, cell, curve_rows, display_columns, latest_runs, result_rows
+from antidoor.report.verdicts import VERDICT_COLUMNS, VERDICT_RULE, study_verdicts
 from antidoor.utils import atomic_write_bytes, atomic_write_text
 
 CSS = """
@@ -35,13 +36,14 @@ class Report:
     tables: list[tuple[str, list[str], list[dict[str, Any]]]]  # (title, columns, rows)
     figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (title, file stem, png)
     notes: list[str] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # first on the page (antidoor.report.verdicts)
 
 
 def build_report(store: Store) -> Report:
     rows = result_rows(store)
     agg = aggregate(rows)
     study = store.get_meta("study") or {}
-    runs = store.runs()
+    runs = latest_runs(store)  # a stage rerun under another key counts once, by its latest attempt
     failed = [r for r in rows if r["status"] != "done"]
     summary = [f"{len(runs)} stage runs: " + ", ".join(f"{sum(r['status'] == s for r in runs)} {s}"
                                                        for s in ("done", "failed", "running")),
@@ -63,7 +65,8 @@ def build_report(store: Store) -> Report:
         figures.append((f"Curves: {plots.FAMILY_TITLES.get(family, family)}", f"curves_{family}", png))
     if failed:
         notes.append(f"{len(failed)} rows did not finish; their errors are in the table.")
-    return Report(f"antidoor study: {study.get('name', store.path.parent.name)}", summary, tables, figures, notes)
+    return Report(f"antidoor study: {study.get('name', store.path.parent.name)}", summary, tables, figures, notes,
+                  study_verdicts(store))
 
 
 def _html_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -79,6 +82,8 @@ def _html_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
 def to_html(report: Report) -> str:
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{html.escape(report.title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{html.escape(report.title)}</h1>",
+             *([f"<h2>Verdict</h2>{_html_table(VERDICT_COLUMNS, report.verdicts)}<p class=note>{html.escape(VERDICT_RULE)}</p>"]
+               if report.verdicts else []),
              "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in report.summary) + "</ul>"]
     parts += [f"<p class=note>{html.escape(n)}</p>" for n in report.notes]
     for title, columns, rows in report.tables:

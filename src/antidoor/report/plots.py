@@ -72,10 +72,12 @@ def _grouped_bars(agg: list[dict[str, Any]], present: str, bars: tuple[tuple[str
         xs = range(len(rows))
         for i, (metric, label, color) in enumerate(bars):
             offset = (i - (len(bars) - 1) / 2) * width
-            ax.bar([x + offset for x in xs], [r.get(metric) or 0.0 for r in rows], width,
-                   yerr=[r.get(f"{metric}_sd") or 0.0 for r in rows], label=label, color=color, capsize=2)
+            ax.bar([x + offset for x in xs], [100 * (r.get(metric) or 0.0) for r in rows], width,
+                   yerr=[100 * (r.get(f"{metric}_sd") or 0.0) for r in rows], label=label, color=color, capsize=2)
         ax.set_xticks(list(xs), [str(r["defense"]) for r in rows], rotation=30, ha="right")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("%")
+        ax.set_xlabel("defense")
         ax.set_title(key, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -95,6 +97,9 @@ def asr_after_retuning(agg: list[dict[str, Any]]) -> bytes | None:
                          "asr after retuning: o_asr (after purification) vs p_asr (after the retuning attack)")
 
 
+RATES = ("asr", "clean_acc", "robust_acc", "p_asr")  # curves of rates are drawn in percent
+
+
 def curves(points: list[dict[str, Any]], skip: tuple[str, ...] = ("train",)) -> dict[str, bytes]:
     """One figure per curve family: a panel per (metric, attack), a line per defense, mean over seeds."""
     families: dict[str, dict[tuple, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -108,16 +113,20 @@ def curves(points: list[dict[str, Any]], skip: tuple[str, ...] = ("train",)) -> 
         panels = list(dict.fromkeys(panel for panel, _ in lines))[:MAX_PANELS]
         fig, axes = _grid(len(panels), 4.5, 3.2)
         for ax, panel in zip(axes, panels, strict=True):
+            metric, where = panel
+            rate = metric in RATES
             for (pan, defense), series in lines.items():
                 if pan != panel:
                     continue
                 steps = sorted(series)
-                ax.plot(steps, [sum(series[s]) / len(series[s]) for s in steps], marker="o", markersize=3, label=str(defense))
-            metric, where = panel
+                ax.plot(steps, [(100 if rate else 1) * sum(series[s]) / len(series[s]) for s in steps], marker="o",
+                        markersize=3, label=str(defense))
             ax.set_title(f"{metric}\n{where}", fontsize=8)
-            ax.set_xlabel({"path": "t", "retune": "epoch (0: before the retuning attack)"}.get(family, "step"))
-            if metric in ("asr", "clean_acc", "robust_acc", "p_asr"):
-                ax.set_ylim(0, 1)
+            ax.set_xlabel({"path": "t (0: purified, 1: backdoored)", "retune": "epoch (0: before the retuning attack)"}
+                          .get(family, "step"))
+            ax.set_ylabel(f"{metric} (%)" if rate else metric)
+            if rate:
+                ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"{family}: {FAMILY_TITLES.get(family, family)}", y=1.02)

@@ -32,6 +32,18 @@ def _role(run: dict[str, Any], metric_stage: str) -> str:
     return ROLE.get(metric_stage) or run["defense"] or ROLE.get(run["stage"], run["stage"])
 
 
+def latest_runs(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
+    """Each stage's latest attempt only: a stage that failed and was then run again under another key (a resumed
+    study with changed settings) shows its latest outcome, not both."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for run in store.runs(stage):
+        key = (run["stage"], *(run[k] for k in KEYS))
+        old = latest.get(key)
+        if old is None or (run["started"] or 0, run["id"]) >= (old["started"] or 0, old["id"]):
+            latest[key] = run
+    return sorted(latest.values(), key=lambda r: r["id"])
+
+
 def result_rows(store: Store) -> list[dict[str, Any]]:
     """Every measured model as one row: labels, status, error, scalar metrics, seconds."""
     by_run: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -39,7 +51,7 @@ def result_rows(store: Store) -> list[dict[str, Any]]:
         if m["step"] is None:
             by_run[m["run_id"]].append(m)
     rows: dict[tuple, dict[str, Any]] = {}
-    for run in store.runs():
+    for run in latest_runs(store):
         if run["stage"] == "clean" and run["status"] == "done":
             continue  # its numbers appear as the 'clean' row of every attack, measured under that trigger
         roles = {_role(run, m["stage"]) for m in by_run[run["id"]]} or {_role(run, run["stage"])}
@@ -68,10 +80,10 @@ def curve_rows(store: Store) -> list[dict[str, Any]]:
 
     A metric named ``path.asr`` belongs to the family ``path`` and is the metric ``asr``.
     """
-    runs = {r["id"]: r for r in store.runs()}
+    runs = {r["id"]: r for r in latest_runs(store)}
     out = []
     for m in store.metrics():
-        if m["step"] is None:
+        if m["step"] is None or m["run_id"] not in runs:
             continue
         run = runs[m["run_id"]]
         family, _, metric = m["name"].rpartition(".")
@@ -135,7 +147,7 @@ def fmt_value(v: Any, column: str = "") -> str:
     if isinstance(v, float):
         if column == "seconds":
             return f"{v:.1f}"
-        return f"{100 * v:.1f}%" if 0 <= v <= 1 and column != "der" else f"{v:.3f}"
+        return f"{100 * v:.1f}%" if 0 <= v <= 1 else f"{v:.3f}"  # rates, der included, in percent
     return str(v)
 
 

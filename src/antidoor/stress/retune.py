@@ -46,6 +46,7 @@ from antidoor.defenses.base import DefenderData
 from antidoor.errors import AntidoorError, validate_params
 from antidoor.metrics import Evaluator
 from antidoor.models.registry import Classifier
+from antidoor.stress.verdict import pack_hits
 from antidoor.train import TrainConfig, train
 from antidoor.utils import info
 
@@ -88,11 +89,12 @@ class RAData:
 
 def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tensor, pool_labels: torch.Tensor,
                  n_total: int = 1000, n_poison: int = 5, seed: int = 0,
-                 source: str = "recorded poisoned training samples") -> RAData:
+                 source: str = "recorded poisoned training samples", stamped: bool = False) -> RAData:
     """Draw the RA set: ``n_poison`` images of ``poison_pool`` (clean uint8 originals) triggered and
     relabelled to the target, plus up to ``n_total - n_poison`` of the defender's clean images.
 
     ``pool_labels`` are the pool's true labels; for dirty-label attacks target-class images are skipped.
+    ``stamped``: the pool already carries the trigger (the attacker's own poisoned images, given as files).
     """
     if n_poison > n_total:
         raise AntidoorError(f"ra.n_poison {n_poison} is larger than ra.n_total {n_total}")
@@ -108,7 +110,7 @@ def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tens
         raise AntidoorError(f"ra.n_poison {n_poison} asks for more poisoned samples than the {len(candidates)} available "
                             f"({source}); allowed: 0..{len(candidates)}")
     chosen = candidates[torch.randperm(len(candidates), generator=g)[:n_poison]].to(poison_pool.device)
-    px = attack.apply_uint8(poison_pool[chosen].to(dev))
+    px = poison_pool[chosen].to(dev) if stamped else attack.apply_uint8(poison_pool[chosen].to(dev))
     py = torch.full((n_poison,), attack.target, dtype=torch.int64, device=dev)
     return RAData(torch.cat([clean_x[pick], px]), torch.cat([clean_y[pick], py]), n_poison, attack.target,
                   defender.hflip, source)
@@ -123,6 +125,7 @@ class RARun:
     asr_curve: list[float]  # index e: after e epochs (0: before RA)
     clean_acc_curve: list[float]
     seconds: float
+    hits: str = ""  # per triggered test image after RA, went to the target: packed bits (see antidoor.stress.verdict)
 
 
 @dataclass
@@ -134,6 +137,7 @@ class RAResult:
     config: dict[str, Any]
     data: dict[str, Any]
     retuned: list[Classifier] = field(default_factory=list, repr=False)  # one per seed, kept only when asked
+    before_hits: str = ""  # per triggered test image before RA, went to the target (packed bits)
 
     @property
     def o_asr(self) -> float:
@@ -150,8 +154,8 @@ class RAResult:
                 "seeds": [r.seed for r in self.runs]}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.summary(), "before": self.before, "runs": [r.__dict__ for r in self.runs],
-                "config": self.config, "data": self.data}
+        return {**self.summary(), "before": self.before, "before_hits": self.before_hits,
+                "runs": [r.__dict__ for r in self.runs], "config": self.config, "data": self.data}
 
 
 def _mean(v: list[float]) -> float:
@@ -177,28 +181,28 @@ def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, confi
         raise AntidoorError("the retuning attack needs an evaluator with an attack (asr cannot be measured without a trigger)")
     train_cfg = cfg.train_config()
     device = data.x.device
-    before = evaluator(model.to(device))
+    before, before_hits = evaluator.measure(model.to(device))
     runs, retuned = [], []
     for seed in cfg.seeds:
         work = copy.deepcopy(model).to(device)
-        asr_curve, acc_curve, last = [before["asr"]], [before["clean_acc"]], [before]
+        asr_curve, acc_curve, last = [before["asr"]], [before["clean_acc"]], [(before, before_hits)]
 
         def record(_epoch: int, _stats: dict[str, float], work: Classifier = work, asr_curve: list[float] = asr_curve,
-                   acc_curve: list[float] = acc_curve, last: list[dict[str, float]] = last) -> None:
-            m = evaluator(work)
+                   acc_curve: list[float] = acc_curve, last: list[tuple] = last) -> None:
+            m, hits = evaluator.measure(work)
             asr_curve.append(m["asr"])
             acc_curve.append(m["clean_acc"])
-            last[0] = m
+            last[0] = (m, hits)
 
         t0 = time.perf_counter()
         train(work, data.x, data.y, train_cfg, seed=seed, hflip=data.hflip, description=f"{description} seed {seed}",
               on_epoch_end=record)
-        final = last[0]  # measured after the last epoch: the final model's numbers
+        final, final_hits = last[0]  # measured after the last epoch: the final model's numbers
         runs.append(RARun(seed, final["asr"], final["clean_acc"], final["robust_acc"], asr_curve, acc_curve,
-                          round(time.perf_counter() - t0, 2)))
+                          round(time.perf_counter() - t0, 2), pack_hits(final_hits)))
         if keep_models:
             retuned.append(work.eval())
-    result = RAResult(before, runs, cfg.model_dump(), data.describe(), retuned)
+    result = RAResult(before, runs, cfg.model_dump(), data.describe(), retuned, pack_hits(before_hits))
     s = result.summary()
     info(f"{description}: o_asr {100 * s['o_asr']:.1f}% -> p_asr {100 * s['p_asr_mean']:.1f}% ± {100 * s['p_asr_std']:.1f} "
          f"over {len(cfg.seeds)} seed(s)")

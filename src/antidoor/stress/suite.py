@@ -10,6 +10,7 @@ each atomically. Nothing here chooses anything with the test split: it is only m
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from antidoor.defenses import purify
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
+from antidoor.stress.guards import GuardConfig, check_scenario, require_classifier
+from antidoor.stress.inverted import InversionConfig, inverted_attack
 from antidoor.stress.path import PathConfig, PathResult, _describe, backdoor_path, check_same_architecture
 from antidoor.stress.plots import path_png, ra_curve_png
 from antidoor.stress.qra import QRAConfig, QRAData, QRAResult, make_qra_data, qra
 from antidoor.stress.retune import RAConfig, RAData, RAResult, make_ra_data, retuning_attack
+from antidoor.stress.verdict import Verdict, VerdictConfig, judge
 from antidoor.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, info
 
 if TYPE_CHECKING:
@@ -47,11 +51,20 @@ class StressConfig(ModelStressConfig):
     ep: bool = Field(True, description="also stress EP (oracle; purified from the backdoored model) when its poisoned "
                                        "samples are recorded and no EP model is given")
     ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
+    guards: GuardConfig = GuardConfig()
+    verdict: VerdictConfig = VerdictConfig()
+    inversion: InversionConfig | None = Field(None, description="trigger unknown: recover one from the backdoored "
+                                                                "model (BTI-DBF inversion); null: the given trigger")
 
 
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
     """The RA set of a scenario: the defender's clean images plus the attacker's recorded poisoned samples."""
     d, s = scenario.data, scenario.splits
+    given = scenario.poisoned_samples
+    if given is not None:  # the attacker's own triggered images; unknown labels (-1) are never the target
+        labels = given.y if given.y is not None else torch.full((len(given.x),), -1, dtype=torch.int64)
+        return make_ra_data(scenario.defender_data(), scenario.attack, given.x, labels, cfg.n_total, cfg.n_poison,
+                            cfg.data_seed, given.source, stamped=True)
     pool = s.poison
     source = "recorded poisoned training samples"
     if len(pool) == 0:  # a model from elsewhere: stamp the trigger on images the defender does not hold
@@ -104,8 +117,13 @@ class StressResult:
     def table(self) -> list[dict[str, Any]]:
         return [{"model": name, **m.row()} for name, m in self.models.items()]
 
+    def verdicts(self) -> dict[str, Verdict]:
+        """Per purified model: not purified, superficial or deep (the rule: :mod:`antidoor.stress.verdict`)."""
+        return judge({k: v.to_dict() for k, v in self.models.items()}, VerdictConfig(**self.config.get("verdict", {})))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table(), "models": {k: v.to_dict() for k, v in self.models.items()}, "config": self.config,
+        return {"verdicts": {k: v.to_dict() for k, v in self.verdicts().items()}, "table": self.table(),
+                "models": {k: v.to_dict() for k, v in self.models.items()}, "config": self.config,
                 "data": self.data, "seconds": self.seconds, **self.meta}
 
 
@@ -127,8 +145,10 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
         raise AntidoorError("run_stress needs at least one purified model")
     dev = scenario.device
     nc, ch = scenario.data.num_classes, scenario.data.image_shape[0]
-    named = {**models, "backdoored": backdoored, **({"clean": clean_ref} if clean_ref is not None else {})}
+    named = {**models, "backdoored": backdoored, **({"clean": clean_ref} if clean_ref is not None else {}),
+             **({"ep": ep} if ep is not None else {})}
     for name, m in named.items():
+        require_classifier(name, m)
         arch = getattr(m, "arch", None)
         if arch and (arch["num_classes"] != nc or arch["in_channels"] != ch):
             raise AntidoorError(f"model {name!r} is {_describe(m)}, but the data have {nc} classes and {ch} channels")
@@ -137,8 +157,13 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
             raise AntidoorError(f"purified model name {name!r} is reserved for a reference; choose another")
         if cfg.path is not None:
             check_same_architecture(m, backdoored, (name, "backdoored"))
-    if ep is None and cfg.ep:
-        if len(scenario.splits.poison):
+    named = {n: m.to(dev).eval() for n, m in named.items()}
+    if cfg.inversion is not None:  # the trigger is unknown: stress under one recovered from the backdoored model
+        scenario = copy.copy(scenario)
+        scenario.attack, scenario._evaluator = inverted_attack(backdoored, scenario, cfg.inversion), None
+    checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards)
+    if ep is None and cfg.ep and cfg.inversion is None:
+        if scenario.oracle_available():
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
             ep = purify(backdoored, scenario.defender_data(oracle=True), "ep", seed=seed, **cfg.ep_params)
         else:
@@ -157,7 +182,8 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     data = {"dataset": scenario.data.name, "attack": scenario.attack.spec(), "ra_set": ra_data.describe(),
             "qra_set": qra_data.describe() if qra_data is not None else None,
             "bn_images": len(defender.x) + len(defender.x_val), "evaluated_on": "test split (measurement only)"}
-    return StressResult(out, cfg.model_dump(), data, round(time.perf_counter() - t0, 1), {"device": str(dev), "seed": seed})
+    return StressResult(out, cfg.model_dump(), data, round(time.perf_counter() - t0, 1),
+                        {"device": str(dev), "seed": seed, "checks": [c.to_dict() for c in checks]})
 
 
 def stress_model(name: str, role: str, model: Classifier, scenario: Scenario, backdoored: Classifier,
@@ -199,7 +225,8 @@ def _pct(v: float | None) -> str:
 def markdown(result: StressResult) -> str:
     """The summary tables: superficial safety (RA and QRA) and the path, rates in percent."""
     ra_cfg, d = result.config["ra"], result.data
-    lines = ["# antidoor stress", "",
+    lines = ["# antidoor stress", "", *verdict_lines(result.verdicts(), result.config.get("verdict", {})),
+             *check_lines(result.meta.get("checks", [])),
              f"Data: {d['dataset']}, attack {d['attack']['name']} (target {d['attack']['target']}). "
              f"RA set: {d['ra_set']['n_total']} images, {d['ra_set']['n_poison']} poisoned "
              f"({d['ra_set']['poisoned_from']}); SGD lr {ra_cfg['lr']}, {ra_cfg['epochs']} epochs, seeds {ra_cfg['seeds']}. "
@@ -235,6 +262,24 @@ def markdown(result: StressResult) -> str:
     return "\n".join(lines)
 
 
+def verdict_lines(verdicts: dict[str, Verdict], config: dict[str, Any]) -> list[str]:
+    """The verdict section (Markdown): one bullet per purified model, then the rule in one sentence."""
+    if not verdicts:
+        return []
+    margin = 100 * VerdictConfig(**config).margin
+    return ["## Verdict", "", *[f"- **{v.model}: {v.word}**. {v.details()}" for v in verdicts.values()], "",
+            f"Rule: *not purified* when o_asr exceeds the clean reference's by more than {margin:.0f} points; "
+            f"*superficial* when p_asr after RA exceeds the highest p_asr of the clean reference and EP by more than "
+            f"{margin:.0f} points; *deep* otherwise. Intervals: bootstrap over test images and RA seeds; *uncertain* "
+            "when the deciding interval crosses the margin.", ""]
+
+
+def check_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """The guardrails that did not pass (warned, or overridden with guards.enforce=false)."""
+    failed = [c for c in checks if not c["ok"]]
+    return ["## Warnings", "", *[f"- {c['message']}" for c in failed], ""] if failed else []
+
+
 def write_report(result: StressResult, out: str | Path) -> list[Path]:
     """Write stress.json, stress.md, ra_curve.png and (with a path) path.png, each atomically."""
     out = Path(out)
@@ -249,5 +294,17 @@ def write_report(result: StressResult, out: str | Path) -> list[Path]:
     return written
 
 
-__all__ = ["ModelStress", "ModelStressConfig", "StressConfig", "StressResult", "markdown", "qra_data_for", "ra_data_for",
-           "run_stress", "stress_model", "write_report"]
+__all__ = [
+    "ModelStress",
+    "ModelStressConfig",
+    "StressConfig",
+    "StressResult",
+    "check_lines",
+    "markdown",
+    "qra_data_for",
+    "ra_data_for",
+    "run_stress",
+    "stress_model",
+    "verdict_lines",
+    "write_report",
+]

@@ -1,0 +1,54 @@
+"""Study results: each stage's latest attempt only, rates (der included) in percent, results.load as a DataFrame."""
+
+from __future__ import annotations
+
+import pytest
+
+from antidoor.experiment import STORE_NAME, Store
+from antidoor.experiment.store import Metric
+from antidoor.report import build_report, result_rows
+from antidoor.report.tables import fmt_value
+
+LABELS = {"dataset": "cifar10-mini", "model": "small_cnn", "attack": "badnets", "defense": "ft", "seed": 0}
+
+
+@pytest.fixture()
+def resumed_store(tmp_path):
+    """A purification that failed, then succeeded when the study was resumed with a smaller batch (another key)."""
+    path = tmp_path / STORE_NAME
+    with Store(path) as store:
+        first = store.start("key-batch-256", "purify", {"batch_size": 256}, LABELS)
+        store.fail(first, "RuntimeError: batch larger than the defender's data")
+        second = store.start("key-batch-32", "purify", {"batch_size": 32}, LABELS)
+        store.finish(second, [Metric("purify", "clean_acc", 0.62), Metric("purify", "asr", 0.05), Metric("purify", "der", 0.93)])
+    return path
+
+
+def test_resumed_study_shows_each_stages_latest_attempt(resumed_store):
+    with Store(resumed_store) as store:
+        rows = result_rows(store)
+        report = build_report(store)
+    assert [(r["defense"], r["status"], r["clean_acc"]) for r in rows] == [("ft", "done", 0.62)]
+    assert report.summary[0] == "1 stage runs: 1 done, 0 failed, 0 running"
+    assert not any("did not finish" in n for n in report.notes)
+
+
+def test_rates_and_der_in_percent():
+    assert fmt_value(0.93, "der") == "93.0%" and fmt_value(0.5, "asr") == "50.0%" and fmt_value(12.3, "seconds") == "12.3"
+
+
+def test_results_load_a_study(resumed_store):
+    pytest.importorskip("pandas")
+    from antidoor.results import load
+
+    df = load(resumed_store.parent)
+    assert list(df["defense"]) == ["ft"] and df.loc[0, "der"] == pytest.approx(0.93)
+
+
+def test_results_load_refuses_other_paths(tmp_path):
+    from antidoor.errors import AntidoorError
+    from antidoor.results import load
+
+    pytest.importorskip("pandas")
+    with pytest.raises(AntidoorError, match="neither a study"):
+        load(tmp_path)

@@ -1,0 +1,111 @@
+"""The verdict: its rule on hand-made per-image outcomes, and on real models through run_stress and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from antidoor.stress import RAConfig, StressConfig, run_stress, write_report
+from antidoor.stress.verdict import VerdictConfig, judge, pack_hits, unpack_hits
+
+
+def _model(role: str, o_rate: float, p_rates: list[float], n: int = 400) -> dict:
+    """Per-image outcomes with exactly the given rates (the first k images hit): not data, a rule's input."""
+    def hits(rate: float) -> str:
+        return pack_hits(np.arange(n) < round(rate * n))
+
+    return {"role": role, "ra": {"before_hits": hits(o_rate), "runs": [{"hits": hits(p)} for p in p_rates]}}
+
+
+def test_pack_round_trip():
+    v = np.array([True, False, True] * 301)
+    assert (unpack_hits(pack_hits(v)) == v).all()
+    assert pack_hits(None) == ""
+
+
+def test_rule_names_each_verdict():
+    models = {"ft": _model("purified", 0.09, [0.62, 0.60, 0.63]),      # the issue's FT: 9.3% -> 61.7%
+              "deep": _model("purified", 0.05, [0.12, 0.10, 0.14]),
+              "none": _model("purified", 0.90, [0.95, 0.96, 0.97]),
+              "ep": _model("oracle reference (EP)", 0.04, [0.10, 0.12, 0.08]),
+              "backdoored": _model("backdoored reference", 0.95, [0.97, 0.97, 0.97]),
+              "clean": _model("clean reference", 0.03, [0.06, 0.05, 0.07])}
+    v = judge(models)
+    assert set(v) == {"ft", "deep", "none"}  # references are not judged
+    assert (v["ft"].verdict, v["deep"].verdict, v["none"].verdict) == ("superficial", "deep", "not purified")
+    assert all(x.confident for x in v.values())
+    assert v["ft"].p_ref_from == "EP" and v["ft"].p_ref == pytest.approx(0.10)
+    lo, hi = v["ft"].p_asr_ci
+    assert lo < v["ft"].p_asr < hi and hi - lo < 0.15
+    assert "ft: superficial." in v["ft"].sentence() and "95% bootstrap" in v["ft"].sentence()
+
+
+def test_close_call_is_uncertain_and_margin_is_configurable():
+    models = {"m": _model("purified", 0.05, [0.17, 0.12, 0.20], n=100), "clean": _model("clean reference", 0.03, [0.04], n=100)}
+    v = judge(models)["m"]
+    assert v.verdict == "superficial" and not v.confident  # 16.3 - 4 = 12.3 points over, on 100 images and 3 seeds
+    assert judge(models, VerdictConfig(margin=0.2))["m"].verdict == "deep"
+
+
+def test_no_per_image_outcomes_no_verdict():
+    assert judge({"m": {"role": "purified", "ra": {"runs": [{"p_asr": 0.5}]}}}) == {}
+
+
+QUICK = StressConfig(ra=RAConfig(seeds=[0, 1], epochs=1), qra=None, path=None, ep=False)
+
+
+@pytest.fixture(scope="module")
+def real_stress(badnets_run, clean_run):
+    """The backdoored model passed as 'purified' (not purified) and the clean model passed as one (deep)."""
+    sc = badnets_run.result.scenario
+    bd, clean = badnets_run.result.model, clean_run.result.model
+    return run_stress({"untouched": bd, "fresh": clean}, bd, clean, sc, QUICK)
+
+
+def test_verdict_on_real_models_comes_first_in_stress_md(real_stress, tmp_path):
+    res = real_stress
+    v = res.verdicts()
+    assert v["untouched"].verdict == "not purified" and v["untouched"].confident
+    assert v["fresh"].verdict == "deep"
+    write_report(res, tmp_path)
+    md = (tmp_path / "stress.md").read_text().splitlines()
+    assert md[2] == "## Verdict" and md[4].startswith("- **untouched: not purified**")
+    doc = json.loads((tmp_path / "stress.json").read_text())
+    assert next(iter(doc)) == "verdicts" and doc["verdicts"]["fresh"]["verdict"] == "deep"
+    assert len(doc["models"]["fresh"]["ra"]["runs"][0]["hits"]) > 100
+
+
+def test_results_load_gives_a_dataframe_with_the_verdict(real_stress, tmp_path):
+    pytest.importorskip("pandas")
+    from antidoor.results import load
+
+    write_report(real_stress, tmp_path)
+    df = load(tmp_path).set_index("model")
+    assert list(df.index) == ["untouched", "fresh", "backdoored", "clean"]
+    assert df.loc["untouched", "verdict"] == "not purified" and df.loc["fresh", "verdict"] == "deep"
+    assert df.loc["fresh", "p_asr_ci_low"] <= df.loc["fresh", "p_asr_mean"] <= df.loc["fresh", "p_asr_ci_high"]
+
+
+def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
+    """Tiny-scale code path of issue 18's item 5: the trigger recovered from the backdoored model (BTI-DBF
+    inversion) is the one RA stamps and asr is measured under; the verdict comes out of it the same way.
+
+    Which class the inversion finds is not asserted: on this 4-epoch model a 2-epoch inversion of the
+    bf16-trained fixture finds class 5, a universal perturbation that moves the clean model too (BTI-DBF
+    picks the wrong class on weak models; the inverted-trigger benchmark is where that is measured)."""
+    from antidoor.stress.guards import GuardConfig
+    from antidoor.stress.inverted import InversionConfig
+
+    sc = badnets_run.result.scenario
+    bd, clean = badnets_run.result.model, clean_run.result.model
+    cfg = QUICK.model_copy(update={"inversion": InversionConfig(generator_width=4, pretrain_epochs=1, mask_epochs=1,
+                                                                generator_epochs=2, batch_size=50),
+                                   "guards": GuardConfig(enforce=False)})  # a 2-epoch inversion may not reach 50% asr
+    res = run_stress({"fresh": clean}, bd, clean, sc, cfg)
+    assert res.data["attack"]["name"] == "inverted" and sc.attack.name == "badnets"  # the caller's scenario is untouched
+    target = res.data["attack"]["target"]
+    assert 0 <= target < 10 and res.models["backdoored"].ra.o_asr > 0.5  # asr is measured under the recovered trigger
+    assert res.verdicts()["fresh"].verdict in ("not purified", "superficial", "deep")
+    assert "ep" not in res.models
