@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
-from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.errors import AntidoorError, excerpt, format_validation_error
 from antidoor.stress.suite import ModelStressConfig
 from antidoor.train import TrainConfig
 
@@ -82,7 +82,7 @@ class StudyConfig(BaseModel):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError(f"seeds {v}: must be distinct integers >= 0")
+            raise ValueError(f"seeds {excerpt(v)}: must be distinct integers >= 0")
         return v
 
 
@@ -96,7 +96,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
         keys, value = parse_override(item)
         set_nested(raw, keys, value)
     try:
-        return StudyConfig(**raw)
+        return StudyConfig.model_validate(raw)  # not StudyConfig(**raw): a YAML key may be a number
     except ValidationError as e:
         raise AntidoorError(f"invalid study: {format_validation_error(e)}") from None
 
