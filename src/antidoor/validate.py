@@ -29,6 +29,15 @@ MAX_CONFIG_VALUES = 100_000  # scalars, lists and mappings in a config, aliases 
 MAX_SIDECAR_BYTES = 16 << 20  # a checkpoint's JSON sidecar
 
 
+def max_array_bytes() -> int:
+    """The most a data file may ask us to hold: half this machine's memory, at most 16 GiB."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        physical = 32 << 30
+    return min(16 << 30, physical // 2)
+
+
 def user_file(path: str | Path, what: str, limit: int | None = None) -> Path:
     """``path`` as a regular file of at most ``limit`` bytes, or a one-line error naming what is wrong."""
     path = Path(path)

@@ -77,3 +77,28 @@ def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, p
         wanted = len(candidates)
     poison = candidates[torch.randperm(len(candidates), generator=g)[:wanted]].sort().values
     return Splits(train, val, poison), note
+
+
+def check_split_tensors(splits: Splits, where: str, n_train: int | None = None) -> None:
+    """Recorded split indices as a defense may trust them: 1-D integer tensors of distinct indices in
+    ``[0, n_train)`` (when known), the defender's train, validation and the poisoned sets pairwise disjoint
+    (a defender set overlapping the poisoned one would hand the defense the attacker's images)."""
+    parts = {"defender_train": splits.defender_train, "defender_val": splits.defender_val, "poison": splits.poison}
+    for name, t in parts.items():
+        if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
+            raise AntidoorError(f"{where}: split.{name} must be a 1-D tensor of integer indices, "
+                                f"got {t.dtype} of shape {tuple(t.shape)}")
+        if len(t) and (int(t.min()) < 0 or (n_train is not None and int(t.max()) >= n_train)):
+            allowed = f"0..{n_train - 1}" if n_train is not None else ">= 0"
+            raise AntidoorError(f"{where}: split.{name} holds indices {int(t.min())}..{int(t.max())}; allowed: {allowed} "
+                                "(the checkpoint's training set)")
+        if len(t.unique()) != len(t):
+            raise AntidoorError(f"{where}: split.{name} repeats indices")
+    for a, b in (("defender_train", "defender_val"), ("defender_train", "poison"), ("defender_val", "poison")):
+        shared = int(torch.isin(parts[a].long(), parts[b].long()).sum())
+        if shared:
+            raise AntidoorError(f"{where}: split.{a} and split.{b} share {shared} indices; they must be disjoint")
+    for name in ("defender_train", "defender_val"):
+        if len(parts[name]) == 0:
+            raise AntidoorError(f"{where}: split.{name} is empty; the defender needs clean images")
+
