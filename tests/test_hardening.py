@@ -195,3 +195,323 @@ def test_npz_declaring_more_than_memory_is_refused_from_its_header(tmp_path: Pat
         for key in ("x_train", "y_train", "x_test", "y_test"):
             z.writestr(f"{key}.npy", buf.getvalue() + b"\0" * 64)
     assert "GiB are allowed" in short_error(cli_main("attack", "--data", path))
+
+
+# -- 3, 10, 13: one driver per study, exit codes, lost workers -----------------------------------------
+
+GRID = {
+    "name": "hardening",
+    "datasets": [{"name": "cifar10-mini", "n_train": 1000, "n_test": 200}],
+    "models": [{"name": "small_cnn", "width": 4}],
+    "attacks": [{"name": "badnets", "pratio": 0.1}],
+    "defenses": [{"name": "ft", "epochs": 1, "batch_size": 16}],
+    "seeds": [0],
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+    "device": "cpu",
+}
+
+
+def write_study(path: Path, **changes: object) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({**GRID, **changes}))
+    return path
+
+
+def grid_process(*args: str | Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "antidoor.cli", "grid", *map(str, args), "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_row(db: Path, sql: str, timeout: float = 60) -> list[tuple]:
+    import contextlib
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.is_file():
+            with contextlib.suppress(sqlite3.OperationalError), sqlite3.connect(db, timeout=10) as conn:
+                rows = conn.execute(sql).fetchall()
+                if rows:
+                    return rows
+        time.sleep(0.05)
+    pytest.fail(f"no row for {sql!r} within {timeout} s")
+
+
+def store_rows(db: Path) -> dict[str, dict]:
+    from antidoor.experiment import Store
+
+    with Store(db, readonly=True) as store:
+        return {r["stage"] + "/" + str(r["defense"]): r for r in store.runs()}
+
+
+def test_a_second_driver_is_refused_and_the_first_loses_nothing(tmp_path: Path, cli_main) -> None:
+    """Two `grid` on one study folder: the second is refused at once (exit 2, one line) and the first
+    finishes every stage. The study has a failing defense, so the first exits 1 (issue #10)."""
+    failing = {"name": "ft", "epochs": 1, "batch_size": 1000}  # more than the defender's images: fails at run time
+    study = write_study(tmp_path / "study.yaml", defenses=[GRID["defenses"][0], failing])
+    folder = tmp_path / "study"
+    first = grid_process(study, "--out", folder)
+    wait_for_row(folder / "study.sqlite", "SELECT key FROM runs WHERE status = 'running'")
+    line = short_error(cli_main("grid", "--resume", "--out", folder))
+    assert "is being run by another `antidoor grid` (pid" in line
+    assert "is being run by another" in short_error(cli_main("grid", study, "--resume", "--out", folder, "--workers", "2"))
+    out, err = first.communicate(timeout=180)
+    assert first.returncode == 1, err  # stages failed: not a success
+    assert "Traceback" not in err, err
+    assert json.loads(out.strip().splitlines()[-1])["failed"] == 1
+    rows = store_rows(folder / "study.sqlite")
+    assert {k: r["status"] for k, r in rows.items()} == {"clean/None": "done", "attack/None": "done",
+                                                         "purify/ft#1": "done", "purify/ft#2": "failed"}
+    assert all(r["attempts"] == 1 for r in rows.values())
+    assert not list(folder.glob("artifacts/*/.*.tmp"))
+    # the lock died with the first driver: a resume runs (the failing stage fails again: exit 1)
+    res = cli_main("grid", "--resume", "--out", folder, "--quiet")
+    assert res.returncode == 1 and json.loads(res.stdout.strip().splitlines()[-1])["reused"] == 3
+
+
+def test_lock_is_held_for_the_run_and_released_by_a_killed_driver(tmp_path: Path, cli_main) -> None:
+    from antidoor.experiment.runner import driver_lock
+
+    folder = tmp_path / "study"
+    with driver_lock(folder):
+        assert "is being run by another" in short_error(cli_main("grid", write_study(tmp_path / "s.yaml"), "--out", folder))
+        assert not (folder / "study.sqlite").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from antidoor.experiment.runner import driver_lock\n"
+                               f"with driver_lock(Path({str(folder)!r})):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match="is being run by another"):
+        with driver_lock(folder):
+            pass
+    holder.kill()  # SIGKILL: the kernel drops the lock
+    holder.wait()
+    with driver_lock(folder):
+        pass
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--device", "tpu"], "study device: device 'tpu' is not"),
+    (["--backend", "ray", "--address", "127.0.0.1:1"], "--address '127.0.0.1:1': nothing answers there"),
+    (["--backend", "ray", "--address", "nohost"], "expected HOST:PORT"),
+])
+def test_grid_refuses_before_creating_anything(tmp_path: Path, cli_main, args: list[str], expected: str) -> None:
+    study = write_study(tmp_path / "study.yaml")
+    t0 = time.perf_counter()
+    assert expected in short_error(cli_main("grid", study, "--out", tmp_path / "study", *args))
+    assert time.perf_counter() - t0 < 15
+    assert not (tmp_path / "study").exists()
+
+
+def test_ray_address_that_accepts_but_never_answers_fails_fast(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("0.0.0.0", 0))
+    silent.listen(8)
+    try:
+        study = write_study(tmp_path / "study.yaml")
+        os.environ["ANTIDOOR_RAY_CONNECT_TIMEOUT"] = "3"
+        try:
+            res, _, seconds = run_measured("grid", study, "--out", tmp_path / "study", "--backend", "ray",
+                                           "--address", f"127.0.0.1:{silent.getsockname()[1]}", timeout=90)
+        finally:
+            del os.environ["ANTIDOOR_RAY_CONNECT_TIMEOUT"]
+    finally:
+        silent.close()
+    assert "no Ray cluster answered within 3 s" in res.error_line()
+    assert seconds < 60 and not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/absolute", ".hidden", "a/b"])
+def test_study_name_cannot_leave_runs(tmp_path: Path, cli_main, name: str) -> None:
+    study = write_study(tmp_path / "study.yaml", name=name)
+    assert "cannot be a folder under runs/" in short_error(cli_main("grid", study))
+    assert list(tmp_path.iterdir()) == [study]
+
+
+def test_killed_worker_is_one_lost_attempt_and_the_grid_exits_1(tmp_path: Path) -> None:
+    """SIGKILL the worker running the clean model under --workers 2: that stage is failed with one attempt,
+    its downstream stages failed with none, exit code 1; a resume then completes the study."""
+    import signal
+
+    study = write_study(tmp_path / "study.yaml")
+    folder = tmp_path / "study"
+    proc = grid_process(study, "--out", folder, "--workers", "2")
+    (worker,) = wait_for_row(folder / "study.sqlite", "SELECT worker FROM runs WHERE stage = 'clean' AND status = 'running'")
+    os.kill(int(worker[0].rsplit(":", 1)[1]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    rows = store_rows(folder / "study.sqlite")
+    assert rows["clean/None"]["status"] == "failed" and rows["clean/None"]["attempts"] == 1
+    assert rows["clean/None"]["error"].startswith("worker lost")
+    assert [(rows[k]["status"], rows[k]["attempts"]) for k in ("attack/None", "purify/ft")] == [("failed", 0)] * 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run([sys.executable, "-m", "antidoor.cli", "grid", "--resume", "--out", str(folder), "--quiet",
+                              "--workers", "2"], env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = store_rows(folder / "study.sqlite")
+    assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
+        "clean/None": ("done", 2), "attack/None": ("done", 1), "purify/ft": ("done", 1)}
+
+
+# -- 5, 7: reads never change a store; foreign, corrupt and read-only stores --------------------------
+
+def small_store(folder: Path) -> Path:
+    """A study store with one finished purification (recorded through the Store API, nothing trained)."""
+    from antidoor.experiment import Store
+    from antidoor.experiment.store import Metric
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Store(folder / "study.sqlite") as store:
+        store.set_meta("study", {"name": "<b>bold</b>", "seeds": [0], "device": "cpu"})
+        labels = {"dataset": "<img src=x onerror=alert(1)>", "model": "small_cnn-w4", "attack": "badnets", "seed": 0}
+        run = store.start("k1", "purify", {"stage": "purify"}, {**labels, "defense": "ft"})
+        store.finish(run, [Metric("purify", "clean_acc", 0.5), Metric("purify", "asr", 0.1)], seconds=1.0)
+    return folder / "study.sqlite"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_results_and_report_leave_a_foreign_database_byte_identical(tmp_path: Path, cli_main) -> None:
+    import sqlite3
+
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    db = folder / "study.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE people (name TEXT)")
+        conn.execute("INSERT INTO people VALUES ('ada')")
+    conn.close()
+    before = snapshot(folder)
+    for args in (["results", db], ["results", folder, "--format", "json"], ["report", folder, "--out", tmp_path / "rep"],
+                 ["grid", "--resume", "--out", folder], ["grid", write_study(tmp_path / "s.yaml"), "--out", folder]):
+        line = short_error(cli_main(*args))
+        assert "is an SQLite database but not an antidoor study store (no artifacts, meta, metrics, runs table)" in line
+    assert snapshot(folder) == before
+    assert not (tmp_path / "rep").exists()
+
+
+def test_results_and_report_read_a_store_without_changing_it(tmp_path: Path, cli_main) -> None:
+    db = small_store(tmp_path / "study")
+    before = snapshot(db.parent)
+    res = cli_main("results", db.parent, "--format", "csv")
+    assert res.returncode == 0 and "0.5" in res.stdout
+    res = cli_main("report", db.parent, "--out", tmp_path / "rep")
+    assert res.returncode == 0, res.stderr
+    assert snapshot(db.parent) == before  # no journal mode switched, no -wal/-shm left, nothing added
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "<img" not in md and "<b>" not in md and "&lt;img src=x onerror=alert(1)&gt;" in md  # issue #12
+
+
+@pytest.mark.parametrize("junk", [b"", b"SQLite format 3\0" + b"\xff" * 200, os.urandom(4096)])
+def test_corrupt_store_is_one_line(tmp_path: Path, cli_main, junk: bytes) -> None:
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "study.sqlite").write_bytes(junk)
+    for args in (["results", folder], ["report", folder], ["grid", "--resume", "--out", folder]):
+        line = short_error(cli_main(*args))
+        assert "study store" in line
+    assert (folder / "study.sqlite").read_bytes() == junk
+
+
+def as_other_user(tmp_path: Path) -> list[str]:
+    """A command prefix that runs without write access to folders this user made read-only: as root
+    (who writes anywhere) through setpriv as 'nobody', otherwise as this user."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be shown")
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import antidoor.cli"], capture_output=True, check=False,
+                           env={**os.environ}, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip("user 'nobody' cannot import antidoor from here")
+    return prefix
+
+
+def test_read_only_study_folder_results_and_report(tmp_path: Path) -> None:
+    import stat
+    import tempfile as tf
+
+    base = Path(tf.mkdtemp(prefix="antidoor-ro-"))  # world-readable, unlike pytest's tmp_path
+    try:
+        base.chmod(0o755)
+        db = small_store(base / "study")
+        prefix = as_other_user(tmp_path)
+        for p in (db.parent, base):
+            p.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        before = snapshot(db.parent)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+        def cli(*args: str | Path) -> CliResult:
+            proc = subprocess.run([*prefix, sys.executable, "-m", "antidoor.cli", *map(str, args)], capture_output=True,
+                                  text=True, env=env, cwd="/", timeout=120, check=False)
+            return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+        res = cli("results", db.parent, "--format", "csv")
+        assert res.returncode == 0 and "0.5" in res.stdout, res.stderr
+        line = short_error(cli("report", db.parent))
+        assert "is not writable; choose another folder" in line  # checked before the report is built
+        assert snapshot(db.parent) == before
+    finally:
+        for p in (base, base / "study"):
+            p.chmod(0o755)
+        import shutil
+
+        shutil.rmtree(base)
+
+
+# -- 4: output paths checked before any compute -------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ["attack", "--model", "small_cnn", "--epochs", "1"],
+    ["purify", "nothing.safetensors"],
+    ["stress", "nothing.safetensors", "--backdoored", "nothing.safetensors"],
+    ["demo"],
+    ["evaluate", "nothing.safetensors"],
+])
+def test_out_that_is_a_file_is_refused_before_any_compute(tmp_path: Path, cli_main, command: list[str]) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("someone's notes\n")
+    t0 = time.perf_counter()
+    line = short_error(cli_main(*command, "--out", taken, "--device", "cpu"))
+    assert "--out" in line and "is an existing file; give a folder" in line
+    assert time.perf_counter() - t0 < 10  # nothing trained
+    assert taken.read_text() == "someone's notes\n"
+    below = short_error(cli_main(*command, "--out", taken / "sub", "--device", "cpu"))
+    assert "is a file, so the folder cannot be made" in below
+
+
+def test_out_whose_target_file_is_a_folder(tmp_path: Path, cli_main) -> None:
+    (tmp_path / "out" / "model.safetensors").mkdir(parents=True)
+    line = short_error(cli_main("attack", "--out", tmp_path / "out", "--device", "cpu"))
+    assert "model.safetensors there is a folder" in line
+
+
+def test_out_in_a_read_only_folder(tmp_path: Path) -> None:
+    import shutil
+    import tempfile as tf
+
+    prefix = as_other_user(tmp_path)
+    base = Path(tf.mkdtemp(prefix="antidoor-ro-"))
+    try:
+        base.chmod(0o555)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        proc = subprocess.run([*prefix, sys.executable, "-m", "antidoor.cli", "attack", "--model", "small_cnn", "--device",
+                               "cpu", "--out", str(base / "run")], capture_output=True, text=True, env=env, cwd="/",
+                              timeout=120, check=False)
+        line = short_error(CliResult(proc.returncode, proc.stdout, proc.stderr))
+        assert "its parent" in line and "is not writable; choose another folder" in line
+        assert list(base.iterdir()) == []
+    finally:
+        base.chmod(0o755)
+        shutil.rmtree(base)

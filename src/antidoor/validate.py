@@ -141,6 +141,15 @@ def check_output_dir(folder: str | Path, files: Iterable[str] = (), option: str 
     return folder
 
 
+def study_folder_name(name: str) -> str:
+    """A study name used as the folder ``runs/<name>``: one plain path component, nothing that climbs out."""
+    if (not name or len(name) > 100 or name.startswith(".") or any(c in name for c in "/\\\0")
+            or name != name.strip() or Path(name).is_absolute()):
+        raise AntidoorError(f"study name {excerpt(name)} cannot be a folder under runs/ (at most 100 characters, "
+                            "no '/', '\\' or leading '.'); rename the study or give --out FOLDER")
+    return name
+
+
 def check_image_shape(shape: Any, what: str) -> tuple[int, int, int]:
     """A (C, H, W) image shape with C in 1 or 3 and sides in [MIN_IMAGE_SIDE, MAX_IMAGE_SIDE]."""
     ok = (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(s, int) and not isinstance(s, bool)

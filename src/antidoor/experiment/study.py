@@ -122,25 +122,12 @@ def model_label(m: dict[str, Any]) -> str:
 def _load_cached(canonical: str) -> Any:
     import json
 
-    from antidoor.data import load_dataset, stratified_subset
-    from antidoor.data.dataset import ImageData
+    from antidoor.data import load_dataset
+    from antidoor.data.splits import data_subset
 
     cfg = StudyData(**json.loads(canonical))
     data = load_dataset(cfg.name, cfg.root, cfg.download, cfg.hflip, cfg.image_size)
-    if cfg.n_train is None and cfg.n_test is None:
-        return data
-    import torch
-
-    def pick(y: torch.Tensor, n: int | None, salt: int) -> torch.Tensor:
-        if n is None or n >= len(y):
-            return torch.arange(len(y))
-        # the subset belongs to the data definition, not to a run: a fixed seed, the same for every seed of the study
-        return stratified_subset(y.cpu(), n / len(y), torch.Generator().manual_seed(salt))
-
-    tr, te = pick(data.y_train, cfg.n_train, 0), pick(data.y_test, cfg.n_test, 1)
-    source = {**data.source, "subset": {"n_train": len(tr), "n_test": len(te), "stratified": True}}
-    return ImageData(dataset_label(cfg.model_dump()), data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te],
-                     data.classes, hflip=data.hflip, source=source)
+    return data_subset(data, cfg.n_train, cfg.n_test, dataset_label(cfg.model_dump()))
 
 
 def load_study_data(cfg: StudyData) -> Any:

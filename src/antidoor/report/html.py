@@ -96,7 +96,7 @@ def write_report(store_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     from antidoor.report.markdown import to_markdown
 
     out = Path(out)
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         report = build_report(store)
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, to_html(report))
