@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from antidoor.data.dataset import ImageData
 from antidoor.errors import AntidoorError
 
 
@@ -101,4 +102,23 @@ def check_split_tensors(splits: Splits, where: str, n_train: int | None = None) 
     for name in ("defender_train", "defender_val"):
         if len(parts[name]) == 0:
             raise AntidoorError(f"{where}: split.{name} is empty; the defender needs clean images")
+
+
+def data_subset(data: ImageData, n_train: int | None, n_test: int | None, name: str) -> ImageData:
+    """A study's real subset of ``data``: a seeded, class-stratified ~``n_train`` training and ~``n_test``
+    test images (None: all). The subset belongs to the data definition, not to a run: fixed seeds (0 for
+    the training images, 1 for the test images), the same for every seed of a study and for every
+    command that rebuilds it from a checkpoint."""
+    if n_train is None and n_test is None:
+        return data
+
+    def pick(y: torch.Tensor, n: int | None, salt: int) -> torch.Tensor:
+        if n is None or n >= len(y):
+            return torch.arange(len(y))
+        return stratified_subset(y.cpu(), n / len(y), torch.Generator().manual_seed(salt))
+
+    tr, te = pick(data.y_train, n_train, 0), pick(data.y_test, n_test, 1)
+    source = {**data.source, "subset": {"n_train": len(tr), "n_test": len(te), "stratified": True}}
+    return ImageData(name, data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te], data.classes,
+                     hflip=data.hflip, source=source)
 
