@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import THREADS, CliResult
 
@@ -119,9 +120,10 @@ def test_validation_errors_echo_only_an_excerpt() -> None:
 # -- 1: labels that would size everything -------------------------------------------------------------
 
 def real_arrays(bundled, n_train: int = 200, n_test: int = 100) -> dict[str, np.ndarray]:
-    """Real CIFAR-10 images from the bundled set, in the documented .npz layout (NHWC uint8)."""
-    return {"x_train": bundled.x_train[:n_train].permute(0, 2, 3, 1).numpy(), "y_train": bundled.y_train[:n_train].numpy(),
-            "x_test": bundled.x_test[:n_test].permute(0, 2, 3, 1).numpy(), "y_test": bundled.y_test[:n_test].numpy()}
+    """Real CIFAR-10 images from the bundled set (every class), in the documented .npz layout (NHWC uint8)."""
+    tr, te = slice(None, None, len(bundled.y_train) // n_train), slice(None, None, len(bundled.y_test) // n_test)
+    return {"x_train": bundled.x_train[tr].permute(0, 2, 3, 1).numpy(), "y_train": bundled.y_train[tr].numpy(),
+            "x_test": bundled.x_test[te].permute(0, 2, 3, 1).numpy(), "y_test": bundled.y_test[te].numpy()}
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -515,3 +517,88 @@ def test_out_in_a_read_only_folder(tmp_path: Path) -> None:
     finally:
         base.chmod(0o755)
         shutil.rmtree(base)
+
+
+# -- 6, 7, 9, 11: checkpoints, their splits and their sidecars -----------------------------------------
+
+def test_grid_checkpoints_work_with_evaluate_and_purify(tmp_path: Path, cli_main) -> None:
+    """A study's backdoored model is evaluated on the study's own subset (same metrics as the grid recorded) and
+    purified on its recorded split; --data naming the same dataset means the same subset, not the full set."""
+    from antidoor.experiment import STORE_NAME, Store, load_study, run_grid
+
+    folder = tmp_path / "study"
+    assert run_grid(load_study(base={**GRID, "defenses": []}), folder).failed == 0
+    with Store(folder / STORE_NAME, readonly=True) as store:
+        (attack_run,) = store.runs("attack")
+        recorded = {m["name"]: m["value"] for m in store.metrics(attack_run["id"])
+                    if m["stage"] == "attack" and m["step"] is None}
+        (ckpt,) = [folder / a["path"] for a in store.artifacts(attack_run["id"])]
+    for extra in ([], ["--data", "cifar10-mini"]):
+        res = cli_main("evaluate", ckpt, "--device", "cpu", "--out", tmp_path / "eval", *extra)
+        assert res.returncode == 0, res.stderr
+        metrics = json.loads(res.stdout.strip().splitlines()[-1])
+        assert metrics == pytest.approx({k: recorded[k] for k in metrics}, abs=1e-6)
+    res = cli_main("purify", ckpt, "--defense", "ft", "--set", "defense.epochs=1", "--set", "defense.batch_size=16",
+                   "--device", "cpu", "--quiet",
+                   "--out", tmp_path / "purified")
+    assert res.returncode == 0, res.stderr
+
+
+def checkpoint_with_splits(tmp_path: Path, bundled, **splits: object) -> Path:
+    from antidoor.checkpoint import save_checkpoint
+    from antidoor.data import Splits
+    from antidoor.models import build_model
+
+    npz = save_npz(tmp_path / "data.npz", **real_arrays(bundled))
+    parts = {"defender_train": torch.arange(0, 8), "defender_val": torch.arange(8, 10), "poison": torch.arange(10, 30)}
+    parts.update(splits)
+    meta = {"dataset": {"config": {"name": str(npz)}, "image_shape": [3, 32, 32], "n_train": 200}, "seed": 0}
+    return save_checkpoint(tmp_path / "ckpt" / "model.safetensors", build_model("small_cnn", 10, 3, width=4), meta,
+                           splits=Splits(**parts))
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"poison": torch.arange(190, 210)}, "split.poison holds indices 190..209; allowed: 0..199"),
+    ({"defender_train": torch.arange(0, 8).float()}, "split.defender_train must be a 1-D tensor of integer indices"),
+    ({"defender_val": torch.tensor([-1, 9])}, "split.defender_val holds indices -1..9; allowed: >= 0"),
+    ({"poison": torch.arange(0, 20)}, "split.defender_train and split.poison share 8 indices"),
+    ({"defender_train": torch.arange(8, 10)}, "split.defender_train and split.defender_val share 2 indices"),
+    ({"poison": torch.arange(10, 30).reshape(4, 5)}, "must be a 1-D tensor"),
+    ({"defender_train": torch.tensor([1, 1, 2])}, "split.defender_train repeats indices"),
+    ({"defender_train": torch.zeros(0, dtype=torch.int64)}, "split.defender_train is empty"),
+    ({"defender_train": torch.ones(10, dtype=torch.uint8)}, "integer indices"),
+])
+def test_bad_split_indices_are_refused(tmp_path: Path, bundled, cli_main, change: dict, expected: str) -> None:
+    ckpt = checkpoint_with_splits(tmp_path, bundled, **change)
+    before = snapshot(ckpt.parent)
+    line = short_error(cli_main("purify", ckpt, "--defense", "ft", "--device", "cpu", "--out", tmp_path / "out"))
+    assert expected in line
+    assert snapshot(ckpt.parent) == before and not (tmp_path / "out").exists()
+
+
+def test_a_sidecar_cannot_start_a_download_or_make_folders(tmp_path: Path, cli_main) -> None:
+    from antidoor.checkpoint import save_checkpoint
+    from antidoor.models import build_model
+
+    root = tmp_path / "downloads"
+    meta = {"dataset": {"config": {"name": "mnist", "root": str(root), "download": True}, "image_shape": [1, 28, 28]}}
+    ckpt = save_checkpoint(tmp_path / "c" / "model.safetensors", build_model("small_cnn", 10, 1, width=4), meta)
+    for command in (["evaluate", ckpt], ["purify", ckpt, "--defense", "ft", "--out", tmp_path / "p"]):
+        line = short_error(cli_main(*command, "--device", "cpu"))
+        assert "dataset 'mnist' not found" in line and "data.download=true" in line
+    assert not root.exists()
+
+
+def test_misleading_messages_are_gone(tmp_path: Path, cli_main) -> None:
+    folder = tmp_path / "model.safetensors"
+    folder.mkdir()
+    assert "is a folder; give a file" in short_error(cli_main("evaluate", folder))
+    (tmp_path / "data.npz").mkdir()
+    assert "data file" in (line := short_error(cli_main("attack", "--data", tmp_path / "data.npz"))) and "is a folder" in line
+    rng = np.random.default_rng(0)
+    for i in range(5):  # random bytes are not "pickled Python objects"
+        junk = tmp_path / f"junk{i}.pt"
+        junk.write_bytes(rng.bytes(2000))
+        (tmp_path / f"junk{i}.json").write_text("{}")
+        line = short_error(cli_main("evaluate", junk))
+        assert "is not a readable PyTorch file" in line and "pickled" not in line

@@ -61,7 +61,12 @@ def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, p
     val = stratified_subset(labels, val_ratio, g, among=defender)
     train = defender[~torch.isin(defender, val)]
     if len(train) == 0:
-        raise AntidoorError(f"data.val_ratio {val_ratio} leaves no defender training images; lower it")
+        # validation takes at least one image per class: a lower val_ratio helps only where a class has two or more
+        helps = bool((torch.bincount(labels[defender]) >= 2).any())
+        hint = (f"lower data.val_ratio ({val_ratio})" if helps else
+                f"a lower val_ratio would not help: raise data.clean_ratio ({clean_ratio}) or use more training images")
+        raise AntidoorError(f"the defender's clean share ({len(defender)} of {len(labels)} training images) leaves no "
+                            f"training images once validation is held out; {hint}")
     rest = torch.ones(len(labels), dtype=torch.bool)
     rest[defender] = False
     if clean_label:
