@@ -153,6 +153,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(model, meta, attack, splits, extra)
 
 
+_KINDS = {"seed": "an integer >= 0", "classes": "a list", "dataset.n_train": "an integer"}
+
+
 def _read_sidecar(meta_path: Path) -> dict[str, Any]:
     """The sidecar's JSON, size-checked, with an ``arch`` section naming a buildable model."""
     text = read_user_text(meta_path, "sidecar", MAX_SIDECAR_BYTES)
@@ -167,6 +170,16 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any]:
     check_num_classes(arch.get("num_classes"), f"sidecar {str(meta_path)!r} arch.num_classes")
     if arch.get("in_channels") not in (1, 3) or isinstance(arch.get("in_channels"), bool):
         raise AntidoorError(f"{bad} (arch.in_channels {excerpt(arch.get('in_channels'))}; allowed: 1 or 3)")
+    # the fields later code reads without looking twice: their types here, their values where they are used
+    dataset = meta.get("dataset", {})
+    expected = [("dataset", dataset, dict), ("attack", meta.get("attack"), (dict, type(None))),
+                ("seed", meta.get("seed", 0), int), ("classes", meta.get("classes", []), list)]
+    if isinstance(dataset, dict):
+        expected += [("dataset.config", dataset.get("config", {}), (dict, type(None))),
+                     ("dataset.n_train", dataset.get("n_train"), (int, type(None)))]
+    for key, value, kind in expected:
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "seed" and value < 0):
+            raise AntidoorError(f"{bad} ({key} {excerpt(value)} is not {_KINDS.get(key, 'a mapping')})")
     for key in ("mean", "std"):
         values = meta.get(key)
         if not (isinstance(values, list) and len(values) == arch["in_channels"]

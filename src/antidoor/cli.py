@@ -6,6 +6,7 @@ Every command takes ``--config FILE.yaml``, ``--set key=value`` overrides (valid
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -320,6 +321,8 @@ def grid(
                                 "or --resume --out FOLDER to continue a stored study")
         with Store(_study_store(out), readonly=True) as store:
             base = store.get_meta("study")
+        if not isinstance(base, dict):
+            raise AntidoorError(f"the store in {str(out)!r} records no study config; give the study YAML again")
     cfg = load_study(study, set_, base=base)
     if device is not None:
         cfg = cfg.model_copy(update={"device": device})
@@ -400,6 +403,8 @@ def main() -> None:
         _error(e.format_message())
     except AntidoorError as e:
         _error(str(e))
+    except sqlite3.DatabaseError as e:  # a study store damaged inside, found only when a page is read
+        _error(f"the study store cannot be read ({e}); it was left unchanged")
     except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)

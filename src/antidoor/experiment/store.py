@@ -200,7 +200,12 @@ class Store:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
-        return row[0] if key == "schema_version" else json.loads(row[0])
+        if key == "schema_version":
+            return row[0]
+        try:
+            return json.loads(row[0])
+        except (ValueError, TypeError, RecursionError):
+            raise StoreError(f"study store {str(self.path)!r}: its recorded {key!r} is not valid JSON") from None
 
     # -- writing runs ------------------------------------------------------------------------------------
     def start(self, key: str, stage: str, config: dict[str, Any], labels: dict[str, Any],
