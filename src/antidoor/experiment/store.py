@@ -238,27 +238,17 @@ class Store:
 
     def fail(self, run_id: int, error: str, seconds: float | None = None) -> None:
         with self.transaction() as c:
-            c.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
-            c.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
-            c.execute("UPDATE runs SET status = 'failed', finished = ?, seconds = ?, error = ? WHERE id = ?",
-                      (time.time(), seconds, error, run_id))
+            _mark_failed(c, run_id, error, seconds)
 
     def record_failure(self, key: str, stage: str, config: dict[str, Any], labels: dict[str, Any], error: str) -> None:
         """A stage that could not record its own end (its upstream failed, or its worker died): a failed row
         with the reason. ``attempts`` counts only real starts, which ``start`` already recorded: a stage that
         never ran keeps 0 (or its count from earlier runs), a lost worker's stage its one attempt."""
-        now = time.time()
-        lab = [labels.get(k) for k in LABELS]
         with self.transaction() as c:
-            c.execute(
-                "INSERT INTO runs (key, stage, config, dataset, model, attack, defense, seed, status, error, attempts, "
-                "finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'failed', ?, 0, ?) "
-                "ON CONFLICT(key) DO UPDATE SET status = 'failed', error = excluded.error, finished = excluded.finished, "
-                "seconds = NULL",
-                (key, stage, canonical_json(config), *lab, error, now))
-            run_id = c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0]
-            c.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
-            c.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
+            c.execute("INSERT INTO runs (key, stage, config, dataset, model, attack, defense, seed, status, attempts) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'failed', 0) ON CONFLICT(key) DO NOTHING",
+                      (key, stage, canonical_json(config), *[labels.get(k) for k in LABELS]))
+            _mark_failed(c, c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0], error)
 
     # -- reading -----------------------------------------------------------------------------------------
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
@@ -285,6 +275,13 @@ class Store:
         else:
             rows = self.conn.execute("SELECT * FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,))
         return [dict(r) for r in rows]
+
+
+def _mark_failed(c: sqlite3.Connection, run_id: int, error: str, seconds: float | None = None) -> None:
+    c.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+    c.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
+    c.execute("UPDATE runs SET status = 'failed', finished = ?, seconds = ?, error = ? WHERE id = ?",
+              (time.time(), seconds, error, run_id))
 
 
 def canonical_json(obj: Any) -> str:

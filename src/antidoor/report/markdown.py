@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from antidoor.report.document import Report
 from antidoor.report.tables import markdown_table, md_text
-
-if TYPE_CHECKING:
-    from antidoor.report.html import Report
 
 
 def to_markdown(report: Report, files_dir: str) -> str:
