@@ -7,6 +7,8 @@ files in ``<repo>/../shared/data``. Synthetic tensors appear only in pure shape 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -171,3 +173,32 @@ def run_cli() -> Callable[..., CliResult]:
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+def invoke_main(*args: str | Path) -> CliResult:
+    """Run the console entry point ``antidoor.cli.main`` in this process, capturing its output; an
+    uncaught exception propagates (as a traceback would)."""
+    from antidoor.cli import main
+    from antidoor.utils import set_quiet
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["antidoor", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        set_quiet(False)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli_main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., CliResult]:
+    """``invoke_main`` (for the long tail of bad input; the main cases run in real subprocesses), in a
+    temporary working directory. An uncaught exception fails the test, as a traceback would."""
+    monkeypatch.chdir(tmp_path)
+    return invoke_main

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,9 @@ import yaml
 
 from antidoor.attacks import ATTACKS
 from antidoor.checkpoint import load_checkpoint
-from antidoor.cli import app, main
+from antidoor.cli import app
 from antidoor.data import ImageData, load_dataset
 from antidoor.models import build_model
-from antidoor.utils import set_quiet
-from conftest import CliResult
 
 ATTACK_NAMES = ", ".join(ATTACKS.names())  # every registered attack, as errors list them
 
@@ -36,29 +33,6 @@ def write_npz(data: ImageData, path: Path) -> Path:
 
 def json_line(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture
-def cli_main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> object:
-    """Run the console entry point ``antidoor.cli.main`` in this process (for the long tail of bad input;
-    the main cases run in real subprocesses), in a temporary working directory. An uncaught exception
-    fails the test, as a traceback would."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str | Path) -> CliResult:
-        monkeypatch.setattr(sys, "argv", ["antidoor", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            set_quiet(False)
-        out = capsys.readouterr()
-        return CliResult(code, out.out, out.err)
-
-    return run
 
 
 @pytest.fixture(scope="module")

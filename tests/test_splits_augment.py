@@ -80,8 +80,13 @@ def test_dirty_label_pratio_beyond_what_is_left_is_refused(bundled: ImageData) -
 
 
 def test_val_ratio_that_leaves_no_defender_training_images(bundled: ImageData) -> None:
-    with pytest.raises(AntidoorError, match=r"data\.val_ratio 0\.2 leaves no defender training images"):
+    # one clean image per class: validation takes each, and a lower val_ratio cannot change that (issue 17 #12)
+    with pytest.raises(AntidoorError, match=r"\(10 of 5000 training images\) leaves no training images once validation is "
+                                            r"held out; a lower val_ratio would not help: raise data\.clean_ratio"):
         _split(bundled.y_train, clean_ratio=0.0001)
+    # two per class, both held out by val_ratio 0.99: here a lower val_ratio is the fix
+    with pytest.raises(AntidoorError, match=r"; lower data\.val_ratio \(0\.99\)$"):
+        _split(bundled.y_train, clean_ratio=0.004, val_ratio=0.99)
 
 
 def test_zero_pratio_poisons_nothing(bundled: ImageData) -> None:

@@ -9,10 +9,10 @@ attack spec, dataset, seed, library versions). A ``.pt``/``.pth`` state dict is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import platform
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from antidoor.attacks.base import Attack, create_attack
-from antidoor.data.splits import Splits
-from antidoor.errors import AntidoorError
+from antidoor.data.splits import Splits, check_split_tensors
+from antidoor.errors import AntidoorError, clip, excerpt
 from antidoor.models.registry import Classifier, build_model
 from antidoor.utils import atomic_write_bytes, atomic_write_json
+from antidoor.validate import MAX_SIDECAR_BYTES, check_image_shape, check_num_classes, read_user_text, user_file
 
 FORMAT_VERSION = 1
 
@@ -77,24 +78,27 @@ def save_checkpoint(path: str | Path, model: Classifier, meta: dict[str, Any], a
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise AntidoorError(f"checkpoint {str(path)!r} does not exist")
+    user_file(path, "checkpoint")
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AntidoorError(f"checkpoint {str(path)!r} is not a valid safetensors file ({e})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AntidoorError(f"checkpoint {str(path)!r} is not a valid safetensors file ({clip(str(e), 200)})") from None
     if path.suffix in (".pt", ".pth"):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            said = "".join(str(e).split("\n")[-1:]) or str(e)
+            if "global" not in str(e).lower():  # not a refused object, just bytes that are no pickle at all
+                raise AntidoorError(f"checkpoint {str(path)!r} is not a readable PyTorch file ({clip(said, 200)})") from None
             raise AntidoorError(
                 f"refusing to load {str(path)!r}: it holds pickled Python objects, and unpickling a file from "
                 f"someone else can run arbitrary code. Only plain tensor state dicts are accepted "
-                f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). Convert it to safetensors."
+                f"(torch.load weights_only=True said: {clip(said, 200)}). Convert it to safetensors."
             ) from None
-        except (RuntimeError, zipfile.BadZipFile, EOFError, OSError) as e:
-            raise AntidoorError(f"checkpoint {str(path)!r} is not a readable PyTorch file ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # torch.load fails on junk with RuntimeError, IndexError, EOFError, BadZipFile, ...
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AntidoorError(f"checkpoint {str(path)!r} is not a readable PyTorch file ({clip(first, 200)})") from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             raise AntidoorError(f"checkpoint {str(path)!r} must hold a dict of tensors (a state dict), got {type(obj).__name__}")
         return obj
@@ -110,15 +114,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     tensors = _read_tensors(path)
     meta_path = sidecar_path(path)
-    if not meta_path.is_file():
+    if not meta_path.exists():
         raise AntidoorError(f"checkpoint {str(path)!r} has no sidecar {str(meta_path)!r} describing its architecture")
-    try:
-        meta = json.loads(meta_path.read_text())
-        arch = meta["arch"]
-        model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], tuple(meta["mean"]),
-                            tuple(meta["std"]), **arch.get("kwargs", {}))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AntidoorError(f"sidecar {str(meta_path)!r} is not a valid antidoor sidecar ({type(e).__name__}: {e})") from None
+    meta = _read_sidecar(meta_path)
+    arch = meta["arch"]
+    model = _build(arch, meta, meta_path, on_meta=True)  # shapes only: a sidecar cannot make us allocate
     # plain state dicts (a .pt from elsewhere) have no "model." prefix
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")} or tensors
     own = model.state_dict()
@@ -130,12 +130,71 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if v.shape != own[k].shape:
             raise AntidoorError(f"checkpoint {str(path)!r}: tensor {k!r} has shape {tuple(v.shape)}, "
                                 f"architecture {arch['name']!r} expects {tuple(own[k].shape)}")
+    model = _build(arch, meta, meta_path)  # as large as the weights the file holds
     model.load_state_dict(state)
     model.eval()
     attack = None
     if meta.get("attack"):
         trigger = {k.removeprefix("trigger."): v for k, v in tensors.items() if k.startswith("trigger.")}
-        image_shape = tuple(meta.get("dataset", {}).get("image_shape") or (arch["in_channels"], 32, 32))
-        attack = create_attack(meta["attack"], image_shape, arch["num_classes"], tensors=trigger)
+        dataset = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+        image_shape = check_image_shape(dataset.get("image_shape") or [arch["in_channels"], 32, 32],
+                                        f"sidecar {str(meta_path)!r} dataset.image_shape")
+        try:
+            attack = create_attack(meta["attack"], image_shape, arch["num_classes"], tensors=trigger)
+        except AntidoorError as e:
+            raise AntidoorError(f"sidecar {str(meta_path)!r}: {e}") from None
+        except Exception as e:  # a spec or trigger tensors the attack cannot use
+            raise AntidoorError(f"sidecar {str(meta_path)!r}: attack {excerpt(meta['attack'])} cannot be rebuilt "
+                                f"({type(e).__name__}: {clip(str(e), 200)})") from None
     extra = {k: v for k, v in tensors.items() if not k.startswith(("model.", "trigger.", "split."))}
-    return Checkpoint(model, meta, attack, Splits.from_tensors(tensors), extra)
+    splits = Splits.from_tensors(tensors)
+    if splits is not None:
+        check_split_tensors(splits, f"checkpoint {str(path)!r}")
+    return Checkpoint(model, meta, attack, splits, extra)
+
+
+_KINDS = {"seed": "an integer >= 0", "classes": "a list", "dataset.n_train": "an integer"}
+
+
+def _read_sidecar(meta_path: Path) -> dict[str, Any]:
+    """The sidecar's JSON, size-checked, with an ``arch`` section naming a buildable model."""
+    text = read_user_text(meta_path, "sidecar", MAX_SIDECAR_BYTES)
+    bad = f"sidecar {str(meta_path)!r} is not a valid antidoor sidecar"
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise AntidoorError(f"{bad} ({type(e).__name__}: {clip(str(e), 200)})") from None
+    arch = meta.get("arch") if isinstance(meta, dict) else None
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs", {}), dict):
+        raise AntidoorError(f"{bad} (no arch section with a name and kwargs)")
+    check_num_classes(arch.get("num_classes"), f"sidecar {str(meta_path)!r} arch.num_classes")
+    if arch.get("in_channels") not in (1, 3) or isinstance(arch.get("in_channels"), bool):
+        raise AntidoorError(f"{bad} (arch.in_channels {excerpt(arch.get('in_channels'))}; allowed: 1 or 3)")
+    # the fields later code reads without looking twice: their types here, their values where they are used
+    dataset = meta.get("dataset", {})
+    expected = [("dataset", dataset, dict), ("attack", meta.get("attack"), (dict, type(None))),
+                ("seed", meta.get("seed", 0), int), ("classes", meta.get("classes", []), list)]
+    if isinstance(dataset, dict):
+        expected += [("dataset.config", dataset.get("config", {}), (dict, type(None))),
+                     ("dataset.n_train", dataset.get("n_train"), (int, type(None)))]
+    for key, value, kind in expected:
+        if not isinstance(value, kind) or isinstance(value, bool) or (key == "seed" and value < 0):
+            raise AntidoorError(f"{bad} ({key} {excerpt(value)} is not {_KINDS.get(key, 'a mapping')})")
+    for key in ("mean", "std"):
+        values = meta.get(key)
+        if not (isinstance(values, list) and len(values) == arch["in_channels"]
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise AntidoorError(f"{bad} ({key} {excerpt(values)}: one number per channel)")
+    return meta
+
+
+def _build(arch: dict[str, Any], meta: dict[str, Any], meta_path: Path, on_meta: bool = False) -> Classifier:
+    try:
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            return build_model(arch["name"], arch["num_classes"], arch["in_channels"], tuple(meta["mean"]), tuple(meta["std"]),
+                               **arch.get("kwargs", {}))
+    except AntidoorError as e:
+        raise AntidoorError(f"sidecar {str(meta_path)!r}: {e}") from None
+    except Exception as e:  # kwargs the architecture cannot take
+        raise AntidoorError(f"sidecar {str(meta_path)!r}: architecture {excerpt(arch)} cannot be built "
+                            f"({type(e).__name__}: {clip(str(e), 200)})") from None

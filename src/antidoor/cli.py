@@ -6,6 +6,7 @@ Every command takes ``--config FILE.yaml``, ``--set key=value`` overrides (valid
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,6 +21,9 @@ try:  # recent typer vendors click; older ones use click itself
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions  # type: ignore[no-redef]
 from antidoor.utils import console, set_quiet
+from antidoor.validate import check_output_dir
+
+CHECKPOINT_FILES = ("model.safetensors", "model.json", "metrics.json")  # what attack and purify write into --out
 
 app = typer.Typer(
     name="antidoor", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -95,6 +99,7 @@ def attack(
     cfg = build_config(AttackRunConfig, config, set_, attack__name=attack_name, attack__pratio=pratio, attack__target=target,
                        model__name=model, model__width=width, train__epochs=epochs, data__name=data, device=device, seed=seed,
                        preset=preset)
+    check_output_dir(out, CHECKPOINT_FILES)
     result = train_attack(cfg)
     meta = run_meta(cfg, result)
     save_checkpoint(out / "model.safetensors", result.model, meta, result.scenario.attack, result.scenario.splits)
@@ -131,15 +136,16 @@ def evaluate(
     from antidoor.attacks import create_attack
     from antidoor.checkpoint import load_checkpoint
     from antidoor.config import EvaluateConfig, build_config
-    from antidoor.pipeline import Scenario
+    from antidoor.pipeline import Scenario, recorded_data_config
     from antidoor.utils import atomic_write_json
 
     set_quiet(quiet)
+    check_output_dir(out or checkpoint.parent, (f"{checkpoint.stem}.metrics.json",))
     ckpt = load_checkpoint(checkpoint)
     recorded = ckpt.meta.get("attack") or {"name": "none", "pratio": 0}
     # under another attack (--attack, --set attack.name, a config file) only the recorded target carries over,
     # not the recorded attack's own parameters (which the other attack would refuse)
-    base = {"data": ckpt.meta.get("dataset", {}).get("config", {}),
+    base = {"data": recorded_data_config(ckpt.meta)[0] or {},  # a study's subset is the checkpoint's own, not a key
             "attack": {"name": recorded["name"], "target": recorded.get("target", 0)}}
     options = {"attack__name": attack_name, "data__name": data, "device": device, "seed": seed}
     if build_config(EvaluateConfig, config, set_, base=base, **options).attack["name"] == recorded["name"]:
@@ -190,6 +196,7 @@ def purify(
 
     set_quiet(quiet)
     cfg = build_config(PurifyConfig, config, set_, defense__name=defense, data__name=data, device=device, seed=seed)
+    check_output_dir(out, CHECKPOINT_FILES)
     ckpt = load_checkpoint(checkpoint)
     scenario = Scenario.from_checkpoint(ckpt, cfg.data, cfg.device)
     name = cfg.defense["name"]
@@ -231,6 +238,7 @@ def demo(
     from antidoor.demo import run_demo
 
     set_quiet(quiet)
+    check_output_dir(out)
     run_demo(config, set_ or [], device, seed, out, preset)
 
 
@@ -281,6 +289,7 @@ def stress(
     cfg = build_config(StressRunConfig, config, set_, data__name=data, device=device, seed=seed)
     if backdoored is None:
         raise AntidoorError("--backdoored is required: the backdoored checkpoint the purified models came from")
+    check_output_dir(out, ("stress.json", "stress.md", "ra_curve.png", "path.png"))
     bd = load_checkpoint(backdoored)
     known = bd.attack is not None and bd.attack.name != "none"
     if not known and cfg.inversion is None:
@@ -450,6 +459,7 @@ def grid(
     from rich.markup import escape
 
     from antidoor.experiment import STORE_NAME, Store, load_study, run_grid
+    from antidoor.validate import study_folder_name
 
     set_quiet(quiet)
     base = None
@@ -457,18 +467,22 @@ def grid(
         if not resume or out is None:
             raise AntidoorError("give a study YAML (antidoor grid STUDY.yaml), "
                                 "or --resume --out FOLDER to continue a stored study")
-        with Store(_study_store(out)) as store:
+        with Store(_study_store(out), readonly=True) as store:
             base = store.get_meta("study")
+        if not isinstance(base, dict):
+            raise AntidoorError(f"the store in {str(out)!r} records no study config; give the study YAML again")
     cfg = load_study(study, set_, base=base)
     if device is not None:
         cfg = cfg.model_copy(update={"device": device})
-    folder = out or Path("runs") / cfg.name
+    folder = out or Path("runs") / study_folder_name(cfg.name)
     summary = run_grid(cfg, folder, backend=backend, workers=workers, address=address, resume=resume)
     console.print(f"{summary.stages} stages: {summary.reused} reused, {summary.done} run, {summary.failed} failed "
                   f"({summary.seconds:.1f} s); store {folder / STORE_NAME}")
     for f in summary.failures:
         console.print(f"[red]failed:[/red] {escape(f)}", highlight=False, soft_wrap=True)
     print_json_line({"stages": summary.stages, "reused": summary.reused, "done": summary.done, "failed": summary.failed})
+    if summary.failed:  # a study with failed stages is not a success, whatever was recorded
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -492,7 +506,7 @@ def results(
 
     if fmt not in FORMATS:
         raise AntidoorError(f"--format {fmt!r}: unknown; allowed: {', '.join(FORMATS)}")
-    with Store(_study_store(folder)) as store:
+    with Store(_study_store(folder), readonly=True) as store:
         rows = filter_rows(result_rows(store), attack_, defense, dataset)
     if mean:
         rows = aggregate(rows)
@@ -524,7 +538,7 @@ def report(
     from antidoor.report import write_report
 
     store = _study_store(folder)
-    html_path, md_path = write_report(store, out or store.parent)
+    html_path, md_path = write_report(store, check_output_dir(out or store.parent, ("report.html", "report.md")))
     console.print(f"wrote {html_path} and {md_path}")
     print_json_line({"html": str(html_path), "markdown": str(md_path)})
 
@@ -543,6 +557,8 @@ def main() -> None:
         _error(e.format_message())
     except AntidoorError as e:
         _error(str(e))
+    except sqlite3.DatabaseError as e:  # a study store damaged inside, found only when a page is read
+        _error(f"the study store cannot be read ({e}); it was left unchanged")
     except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted")
         sys.exit(130)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,6 +27,7 @@ from antidoor.presets import preset_values
 from antidoor.stress.retune import RAConfig
 from antidoor.stress.suite import StressConfig
 from antidoor.train import TrainConfig
+from antidoor.validate import MAX_CONFIG_BYTES, InvalidYAML, load_yaml, read_user_text
 
 DEFAULT_ATTACK = "badnets"
 
@@ -89,8 +89,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise AntidoorError(f"--set {item!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"--set {key}") if raw != "" else ""
+    except InvalidYAML:
         value = raw
     return key.split("."), value
 
@@ -106,12 +106,7 @@ def set_nested(d: dict[str, Any], keys: list[str], value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise AntidoorError(f"config file {str(path)!r} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise AntidoorError(f"config file {str(path)!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    loaded = load_yaml(read_user_text(path, "config file", MAX_CONFIG_BYTES), f"config file {str(path)!r}")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -141,7 +136,7 @@ def build_config(cls: type[C], path: str | Path | None = None, overrides: list[s
     raw = _merge(_merge({}, base or {}), _preset_for(cls, named))
     raw = _merge(raw, user)
     try:
-        return cls(**raw)
+        return cls.model_validate(raw)  # not cls(**raw): a YAML key may be a number
     except ValidationError as e:
         raise AntidoorError(f"invalid config: {format_validation_error(e)}") from None
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 P = TypeVar("P", bound=BaseModel)
+
+EXCERPT_CHARS = 80  # the most of a user's value an error message repeats
+
+# reprlib stops descending after a few levels and items, so even a value built from YAML aliases
+# (billions of elements sharing a few lists) is summarised in a few steps
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 3, 4, 4, 4, 4
+_repr.maxstring, _repr.maxother, _repr.maxlong = 40, 40, 40
 
 
 class AntidoorError(ValueError):
@@ -17,17 +26,38 @@ class AntidoorError(ValueError):
     """
 
 
+def clip(text: str, limit: int = 400) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def excerpt(value: Any, limit: int = EXCERPT_CHARS) -> str:
+    """A short, one-line ``repr`` of ``value``: at most ``limit`` characters, whatever its size or depth."""
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a hostile object's own __repr__: name its type only
+        text = f"<{type(value).__name__}>"
+    return clip(text, limit)
+
+
+MAX_REPORTED = 5  # validation errors named in one message; the rest are counted
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line: each bad key with its value and what is allowed."""
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+    errors = err.errors()
+    for e in errors[:MAX_REPORTED]:
+        loc = ".".join(clip(str(p), 40) for p in (prefix, *e["loc"]) if p != "")  # a key may be as hostile as a value
         if e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         elif e["type"] == "value_error":  # our own AntidoorError from a validator: already a full sentence
-            parts.append(str(e["ctx"]["error"]))
+            parts.append(clip(str(e["ctx"]["error"])))
         else:
-            parts.append(f"{loc} = {e.get('input')!r}: {e['msg']}")
+            parts.append(f"{loc} = {excerpt(e.get('input'))}: {clip(e['msg'], 200)}")
+    if len(errors) > MAX_REPORTED:
+        parts.append(f"and {len(errors) - MAX_REPORTED} more")
     return "; ".join(parts)
 
 

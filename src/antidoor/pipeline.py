@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from antidoor.attacks.base import Attack, AttackerData, create_attack
 from antidoor.checkpoint import Checkpoint
 from antidoor.config import AttackRunConfig, DataConfig
 from antidoor.data import ImageData, Splits, load_dataset, make_splits
+from antidoor.data.splits import check_split_tensors, data_subset
 from antidoor.defenses.base import DefenderData
-from antidoor.errors import AntidoorError
+from antidoor.errors import AntidoorError, format_validation_error
 from antidoor.metrics import Evaluator
 from antidoor.models import Classifier, build_model
 from antidoor.poisoned import PoisonedSamples
@@ -58,31 +60,44 @@ class Scenario:
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, data_cfg: DataConfig | None = None, device: str | torch.device = "auto",
                         seed: int | None = None) -> Scenario:
-        """Rebuild the scenario a checkpoint was trained in: its data, its trigger and its splits.
+        """Rebuild the scenario a checkpoint was trained in: its data (a study's subset included), its
+        trigger and its splits.
 
-        A checkpoint without recorded splits (a model from elsewhere) gets a fresh seeded defender
-        split of ``data_cfg``'s training set and no poisoned indices (so no oracle references).
+        A checkpoint without recorded splits (a model from elsewhere), or one used with other data,
+        gets a fresh seeded defender split of ``data_cfg``'s training set and no poisoned indices (so no
+        oracle references). Recorded splits are checked against the data before a defense sees them.
         """
         meta = ckpt.meta
-        recorded = meta.get("dataset", {}).get("config")
-        data_cfg = data_cfg or (DataConfig(**recorded) if recorded else DataConfig())
+        recorded, subset = recorded_data_config(meta)
+        data_cfg = data_cfg or (_data_config(recorded, "the checkpoint's sidecar dataset.config") if recorded
+                                else DataConfig())
         seed = meta.get("seed", 0) if seed is None else seed
         dev = resolve_device(device)
-        data = load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.hflip, data_cfg.image_size).to(dev)
+        data = load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.hflip, data_cfg.image_size)
+        same_data = recorded is not None and recorded.get("name") == data_cfg.name
+        if same_data and subset:  # the study's subset: the data the checkpoint's split indices point into
+            data = data_subset(data, subset.get("n_train"), subset.get("n_test"), data.name)
+        data = data.to(dev)
         arch = ckpt.model.arch
         if data.image_shape[0] != arch["in_channels"] or data.num_classes != arch["num_classes"]:
             raise AntidoorError(f"the checkpoint expects {arch['in_channels']}-channel images and {arch['num_classes']} classes; "
                                 f"data {data_cfg.name!r} has {data.image_shape[0]} channels and {data.num_classes} classes")
         attack = ckpt.attack or create_attack({"name": "none", "pratio": 0.0}, data.image_shape, data.num_classes)
         splits = ckpt.splits
-        same_data = recorded is not None and recorded.get("name") == data_cfg.name
         if splits is not None and recorded is None and _indexes(splits, len(data.y_train)):
             # saved without its dataset (save_checkpoint(path, model, {}, attack, splits)): keep the recorded splits
             warn(f"the checkpoint records splits but not its dataset; they are taken as indices into {data_cfg.name!r}")
             same_data = True
+        n_recorded = (meta.get("dataset") or {}).get("n_train")
+        if splits is not None and same_data and n_recorded not in (None, len(data.x_train)):
+            warn(f"the checkpoint's splits index {n_recorded} training images, {data_cfg.name!r} has {len(data.x_train)}: "
+                 "drawing a fresh defender split")
+            same_data = False
         if splits is None or not same_data:
             splits, _ = make_splits(data.y_train, clean_ratio=data_cfg.clean_ratio, val_ratio=data_cfg.val_ratio, pratio=0.0,
                                     target=attack.target, clean_label=False, seed=seed, clean_count=data_cfg.clean_count)
+        else:
+            check_split_tensors(splits, "the checkpoint", n_train=len(data.x_train))
         return cls(data, attack.to(dev), splits, data_cfg, seed)
 
     @property
@@ -190,6 +205,28 @@ def _indexes(splits: Splits, n: int) -> bool:
     return all(int(t.min()) >= 0 and int(t.max()) < n for t in parts)
 
 
+SUBSET_KEYS = ("n_train", "n_test")  # a study's subset of a dataset (antidoor.experiment.study.StudyData)
+
+
+def recorded_data_config(meta: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, int]]:
+    """The data section a checkpoint's sidecar records, as ``DataConfig`` keys, and a study's subset
+    (``n_train``/``n_test``) apart. A sidecar never starts a download (``download`` is off; the user
+    may turn it on with ``--set data.download=true``)."""
+    dataset = meta.get("dataset")
+    recorded = dataset.get("config") if isinstance(dataset, dict) else None
+    if not isinstance(recorded, dict):
+        return None, {}
+    subset = {k: recorded[k] for k in SUBSET_KEYS if recorded.get(k) is not None}
+    return {**{k: v for k, v in recorded.items() if k not in SUBSET_KEYS}, "download": False}, subset
+
+
+def _data_config(raw: dict[str, Any], where: str) -> DataConfig:
+    try:
+        return DataConfig.model_validate(raw)
+    except ValidationError as e:
+        raise AntidoorError(f"{where}: {format_validation_error(e, 'data')}") from None
+
+
 @dataclass
 class AttackResult:
     model: Classifier
@@ -255,4 +292,4 @@ def run_meta(cfg: AttackRunConfig, result: AttackResult) -> dict[str, Any]:
                if result.scenario.attack.needs_prepare else {})}
 
 
-__all__ = ["AttackResult", "Scenario", "TrainConfig", "new_model", "run_meta", "train_attack"]
+__all__ = ["AttackResult", "Scenario", "TrainConfig", "new_model", "recorded_data_config", "run_meta", "train_attack"]

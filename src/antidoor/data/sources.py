@@ -9,7 +9,9 @@ folder laid out as ``train/<class>/*`` and ``test/<class>/*``, or a torchvision 
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,13 @@ import numpy as np
 import torch
 
 from antidoor.data.dataset import ImageData
-from antidoor.errors import AntidoorError
+from antidoor.errors import AntidoorError, clip
+from antidoor.validate import MAX_CLASSES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, max_array_bytes, user_file
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10_mini.npz"}
 # Digits and traffic signs change meaning when mirrored.
 TORCHVISION = {"cifar10": True, "cifar100": True, "gtsrb": False, "mnist": False, "svhn": False}
+MAX_SOURCE_PIXELS = 4096 * 4096  # an image file larger than this is not decoded (resized images are smaller)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
@@ -67,13 +71,51 @@ def _to_nchw(x: np.ndarray, what: str) -> torch.Tensor:
         x = x.transpose(0, 3, 1, 2)
     elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
         raise AntidoorError(f"{what}: images must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1 or 3, got {x.shape}")
+    if not all(MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE for side in x.shape[2:]):
+        raise AntidoorError(f"{what}: images of {x.shape[2]}x{x.shape[3]} pixels; "
+                            f"allowed: {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} per side")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _labels(y: np.ndarray, what: str) -> torch.Tensor:
+    """Integer labels in ``[0, MAX_CLASSES)``, shape (N,) or (N, 1) (Keras' layout); checked before
+    anything is sized by them (the class count follows from the largest label)."""
     if not np.issubdtype(y.dtype, np.integer):
         raise AntidoorError(f"{what}: labels must be integers, got {y.dtype}")
+    if not (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        raise AntidoorError(f"{what}: labels must have shape (N,) or (N, 1), got {y.shape}")
+    if y.size == 0:
+        raise AntidoorError(f"{what}: no labels (the split is empty)")
+    lo, hi = y.min(), y.max()  # compared in the array's own dtype: no wrap-around of uint64 values
+    if lo < 0 or hi >= MAX_CLASSES:
+        raise AntidoorError(f"{what}: labels range over {lo}..{hi}; allowed: 0..{MAX_CLASSES - 1} "
+                            f"(at most {MAX_CLASSES:,} classes)")
     return torch.from_numpy(y.astype(np.int64).reshape(-1))
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "classes")
+
+
+def _check_npz_members(path: Path) -> None:
+    """Read only the ``.npy`` headers: refuse object arrays (pickles) and arrays that would not fit
+    in ``max_array_bytes()`` before numpy allocates anything for them."""
+    total = 0
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if info.filename.removesuffix(".npy") not in NPZ_KEYS:
+                continue  # never read
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            if dtype.hasobject:
+                raise AntidoorError(f"{path}: {info.filename} holds Python objects, refused without unpickling; "
+                                    "store plain numeric arrays")
+            total += math.prod(shape) * dtype.itemsize
+    limit = max_array_bytes()
+    if total > limit:
+        raise AntidoorError(f"{path}: its arrays would take {total / 2**30:.1f} GiB; at most {limit / 2**30:.1f} GiB are "
+                            "allowed (half this machine's memory, at most 16 GiB)")
 
 
 def load_npz(path: str | Path, name: str | None = None, default_hflip: bool = True) -> ImageData:
@@ -81,25 +123,30 @@ def load_npz(path: str | Path, name: str | None = None, default_hflip: bool = Tr
 
     Read with ``allow_pickle=False``: an array of Python objects is refused, never unpickled.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AntidoorError(f"data file {str(path)!r} does not exist")
+    path = user_file(path, "data file")
     try:
+        _check_npz_members(path)
         with np.load(path, allow_pickle=False) as f:
             missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
             if missing:
                 raise AntidoorError(f"{path}: missing keys {sorted(missing)}; "
                                     "an .npz needs x_train, y_train, x_test, y_test[, classes]")
-            arrays = {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in NPZ_KEYS if k in f.files}
     except AntidoorError:  # a ValueError too: keep its own message
         raise
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise AntidoorError(f"{path}: not a readable .npz file ({e})") from None
-    except ValueError as e:  # object arrays need pickle, which we refuse
-        raise AntidoorError(f"{path}: cannot be read without unpickling ({e}); store plain numeric arrays") from None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
+        raise AntidoorError(f"{path}: not a readable .npz file ({clip(str(e), 200)})") from None
+    except ValueError as e:  # object arrays need pickle, which we refuse; malformed .npy headers
+        raise AntidoorError(f"{path}: not a readable .npz of plain arrays ({clip(str(e), 200)})") from None
     y_train, y_test = _labels(arrays["y_train"], f"{path} y_train"), _labels(arrays["y_test"], f"{path} y_test")
     n_classes = int(max(y_train.max(), y_test.max())) + 1
-    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(n_classes)]
+    if "classes" in arrays:
+        names = arrays["classes"]
+        if names.ndim != 1 or not 1 <= len(names) <= MAX_CLASSES:
+            raise AntidoorError(f"{path}: classes must be a list of 1..{MAX_CLASSES:,} names, got shape {names.shape}")
+        classes = [clip(str(c), 100) for c in names]
+    else:
+        classes = [str(i) for i in range(n_classes)]
     if len(classes) < n_classes:
         raise AntidoorError(f"{path}: {len(classes)} class names but labels up to {n_classes - 1}")
     return ImageData(
@@ -168,12 +215,17 @@ def _read_images(paths: list[Path | str], size: int | None) -> np.ndarray:
     for p in paths:
         try:
             with Image.open(p) as im:
+                if im.width * im.height > MAX_SOURCE_PIXELS:  # known from the header, before decoding
+                    raise AntidoorError(f"image {p} is {im.width}x{im.height} pixels; "
+                                        f"at most {MAX_SOURCE_PIXELS:,} pixels are decoded")
                 im = im.convert("L" if im.mode in ("L", "1", "I;16") else "RGB")
                 if size is not None and im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
                 images.append(np.asarray(im))
-        except OSError as e:
-            raise AntidoorError(f"cannot read image {p}: {e}") from None
+        except AntidoorError:
+            raise
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError... for bad files
+            raise AntidoorError(f"cannot read image {p}: {clip(str(e) or type(e).__name__, 200)}") from None
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise AntidoorError(f"images differ in size ({sorted(shapes)[:3]}...); set data.image_size to resize them")
@@ -189,6 +241,8 @@ def load_image_folder(root: Path, image_size: int | None = None) -> ImageData:
     classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
     if not classes:
         raise AntidoorError(f"image folder {root}/train has no class folders")
+    if len(classes) > MAX_CLASSES:
+        raise AntidoorError(f"image folder {root}/train has {len(classes):,} class folders; at most {MAX_CLASSES:,} allowed")
     arrays = {}
     for s, d in splits.items():
         paths, labels = [], []

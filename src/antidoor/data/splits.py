@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from antidoor.data.dataset import ImageData
 from antidoor.errors import AntidoorError
 
 
@@ -76,7 +77,12 @@ def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, p
     val = stratified_subset(labels, val_ratio, g, among=defender)
     train = defender[~torch.isin(defender, val)]
     if len(train) == 0:
-        raise AntidoorError(f"data.val_ratio {val_ratio} leaves no defender training images; lower it")
+        # validation takes at least one image per class: a lower val_ratio helps only where a class has two or more
+        helps = bool((torch.bincount(labels[defender]) >= 2).any())
+        hint = (f"lower data.val_ratio ({val_ratio})" if helps else
+                f"a lower val_ratio would not help: raise data.clean_ratio ({clean_ratio}) or use more training images")
+        raise AntidoorError(f"the defender's clean share ({len(defender)} of {len(labels)} training images) leaves no "
+                            f"training images once validation is held out; {hint}")
     rest = torch.ones(len(labels), dtype=torch.bool)
     rest[defender] = False
     if clean_label:
@@ -93,3 +99,47 @@ def make_splits(labels: torch.Tensor, *, clean_ratio: float, val_ratio: float, p
         wanted = len(candidates)
     poison = candidates[torch.randperm(len(candidates), generator=g)[:wanted]].sort().values
     return Splits(train, val, poison), note
+
+
+def check_split_tensors(splits: Splits, where: str, n_train: int | None = None) -> None:
+    """Recorded split indices as a defense may trust them: 1-D integer tensors of distinct indices in
+    ``[0, n_train)`` (when known), the defender's train, validation and the poisoned sets pairwise disjoint
+    (a defender set overlapping the poisoned one would hand the defense the attacker's images)."""
+    parts = {"defender_train": splits.defender_train, "defender_val": splits.defender_val, "poison": splits.poison}
+    for name, t in parts.items():
+        if t.ndim != 1 or t.dtype not in (torch.int64, torch.int32):
+            raise AntidoorError(f"{where}: split.{name} must be a 1-D tensor of integer indices, "
+                                f"got {t.dtype} of shape {tuple(t.shape)}")
+        if len(t) and (int(t.min()) < 0 or (n_train is not None and int(t.max()) >= n_train)):
+            allowed = f"0..{n_train - 1}" if n_train is not None else ">= 0"
+            raise AntidoorError(f"{where}: split.{name} holds indices {int(t.min())}..{int(t.max())}; allowed: {allowed} "
+                                "(the checkpoint's training set)")
+        if len(t.unique()) != len(t):
+            raise AntidoorError(f"{where}: split.{name} repeats indices")
+    for a, b in (("defender_train", "defender_val"), ("defender_train", "poison"), ("defender_val", "poison")):
+        shared = int(torch.isin(parts[a].long(), parts[b].long()).sum())
+        if shared:
+            raise AntidoorError(f"{where}: split.{a} and split.{b} share {shared} indices; they must be disjoint")
+    for name in ("defender_train", "defender_val"):
+        if len(parts[name]) == 0:
+            raise AntidoorError(f"{where}: split.{name} is empty; the defender needs clean images")
+
+
+def data_subset(data: ImageData, n_train: int | None, n_test: int | None, name: str) -> ImageData:
+    """A study's real subset of ``data``: a seeded, class-stratified ~``n_train`` training and ~``n_test``
+    test images (None: all). The subset belongs to the data definition, not to a run: fixed seeds (0 for
+    the training images, 1 for the test images), the same for every seed of a study and for every
+    command that rebuilds it from a checkpoint."""
+    if n_train is None and n_test is None:
+        return data
+
+    def pick(y: torch.Tensor, n: int | None, salt: int) -> torch.Tensor:
+        if n is None or n >= len(y):
+            return torch.arange(len(y))
+        return stratified_subset(y.cpu(), n / len(y), torch.Generator().manual_seed(salt))
+
+    tr, te = pick(data.y_train, n_train, 0), pick(data.y_test, n_test, 1)
+    source = {**data.source, "subset": {"n_train": len(tr), "n_test": len(te), "stratified": True}}
+    return ImageData(name, data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te], data.classes,
+                     hflip=data.hflip, source=source)
+

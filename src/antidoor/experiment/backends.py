@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
+import socket
+import threading
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
 from antidoor.errors import AntidoorError
@@ -78,11 +82,19 @@ class ProcessBackend:
 
     def __init__(self, workers: int) -> None:
         self.slots = workers
-        self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+        self.pool = self._new_pool()
         self._jobs: dict[cf.Future, Job] = {}
 
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+
     def submit(self, job: Job) -> Any:
-        fut = self.pool.submit(execute, job)
+        try:
+            fut = self.pool.submit(execute, job)
+        except BrokenProcessPool:  # a worker died (its jobs are reported lost): go on with a fresh pool
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            fut = self.pool.submit(execute, job)
         self._jobs[fut] = job
         return fut
 
@@ -113,11 +125,8 @@ class RayBackend:
         self.ray = ray
         self.started = False
         if not ray.is_initialized():
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise AntidoorError(f"--address {address!r}: cannot connect to a Ray cluster ({first})") from None
+            probe_address(address)
+            _init_within(ray, address, _connect_timeout() if address is not None else None)  # ray.init alone waits minutes
             self.started = True
         elif address is not None:
             raise AntidoorError("Ray is already initialised in this process; drop --address")
@@ -145,6 +154,55 @@ class RayBackend:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _connect_timeout() -> float:
+    try:
+        return float(os.environ.get("ANTIDOOR_RAY_CONNECT_TIMEOUT", "30"))
+    except ValueError:
+        raise AntidoorError("ANTIDOOR_RAY_CONNECT_TIMEOUT must be a number of seconds") from None
+
+
+def probe_address(address: str | None, timeout: float = 5.0) -> None:
+    """A TCP connection to ``HOST:PORT`` first: an address where nothing listens fails in seconds."""
+    if address in (None, "auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AntidoorError(f"--address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379), ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise AntidoorError(f"--address {address!r}: nothing answers there ({e.strerror or type(e).__name__}); "
+                            "is the cluster started (`ray start --head`)?") from None
+
+
+def _init_within(ray: Any, address: str | None, timeout: float | None) -> None:
+    """``ray.init`` in a daemon thread, given up on after ``timeout`` seconds (it has no timeout of its own);
+    ``timeout`` None: in this thread (starting a local cluster, which answers)."""
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            outcome["error"] = None
+        except BaseException as e:
+            outcome["error"] = e
+
+    if timeout is None:
+        connect()
+    else:
+        thread = threading.Thread(target=connect, name="antidoor-ray-init", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    if "error" not in outcome:
+        raise AntidoorError(f"--address {address!r}: no Ray cluster answered within {timeout:.0f} s")
+    e = outcome["error"]
+    if isinstance(e, (ConnectionError, RuntimeError, ValueError)):
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AntidoorError(f"--address {address!r}: cannot connect to a Ray cluster ({first})") from None
+    if e is not None:
+        raise e
 
 
 def check_backend(name: str, workers: int | None, address: str | None = None) -> None:

@@ -5,20 +5,25 @@ A stage is submitted as soon as its upstream stages are done, so the purificatio
 upstream failed is recorded as failed with the reason and is not run; every other job goes on.
 With ``resume`` nothing that finished (status ``done`` and its checkpoint on disk) runs again;
 stages left ``running`` by a killed grid, and failed ones, are run again. One driver per study
-folder at a time (the workers may be many).
+folder at a time (the workers may be many): :func:`driver_lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.markup import escape
 
 from antidoor.errors import AntidoorError
-from antidoor.experiment.backends import check_backend, make_backend
+from antidoor.experiment.backends import Backend, check_backend, make_backend
 from antidoor.experiment.stages import STORE_NAME, Job, Stage, plan
 from antidoor.experiment.store import Store
 from antidoor.experiment.study import StudyConfig
@@ -49,42 +54,92 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+LOCK_NAME = ".grid.lock"
+
+
+@contextlib.contextmanager
+def driver_lock(folder: Path) -> Iterator[None]:
+    """One driver per study folder: an exclusive ``flock`` on ``folder/.grid.lock`` for the whole run.
+
+    The kernel releases it when the driver ends, however it ends (``kill -9`` included), so a killed
+    grid never leaves a stale lock; a second driver is refused at once, before it touches anything.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise AntidoorError(f"study folder {str(folder)!r} is being run by another `antidoor grid` ({holder}); "
+                                "wait for it to finish (then --resume), or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run_grid(study: StudyConfig, out: str | Path, backend: str = "local", workers: int | None = None,
              address: str | None = None, resume: bool = False) -> GridSummary:
     """Run every stage of ``study`` into the folder ``out`` (its store: ``out/study.sqlite``)."""
     from antidoor.checkpoint import versions
+    from antidoor.validate import check_output_dir
 
-    check_backend(backend, workers, address)  # before anything is written
-    out = Path(out).resolve()
+    # every check before anything is written: backend, device, folder; then the backend connects (a Ray
+    # address that does not answer fails here, with nothing created)
+    check_backend(backend, workers, address)
+    check_job_device(study.device, local=backend == "local")
+    out = check_output_dir(out, (STORE_NAME,)).resolve()
+    if (out / STORE_NAME).is_file() and (out / STORE_NAME).stat().st_size > 0:
+        Store(out / STORE_NAME, readonly=True).close()  # someone else's file or a corrupt one: refused untouched
     stages = plan(study)
-    with Store(out / STORE_NAME) as store:
-        status = store.status()
-        if status and not resume:
-            raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
-                                "or choose another --out")
-        store.set_meta("study", study.model_dump())
-        for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid
-            tmp.unlink(missing_ok=True)
-        finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
-        for s in stages:
-            if status.get(s.key) == "done" and s.key not in finished:
-                warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
-        summary = GridSummary(len(stages), len(finished))
-        pending = [s for s in stages if s.key not in finished]
-        info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
-             f"({backend} backend)")
-        if not pending:
-            return summary
-        t0 = time.perf_counter()
-        common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
-                  "git_commit": git_commit()}
-        runner = make_backend(backend, workers, address, study.threads)
-        try:
-            _schedule(pending, finished, runner, common, store, summary)
-        finally:
-            runner.close()
-        summary.seconds = time.perf_counter() - t0
+    runner = make_backend(backend, workers, address, study.threads)
+    try:
+        with driver_lock(out), Store(out / STORE_NAME) as store:
+            return _run(study, out, stages, runner, store, resume, backend, versions)
+    finally:
+        runner.close()
+
+
+def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, store: Store, resume: bool, backend: str,
+         versions: Callable[[], dict[str, str]]) -> GridSummary:
+    status = store.status()
+    if status and not resume:
+        raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
+                            "or choose another --out")
+    store.set_meta("study", study.model_dump())
+    for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
+        tmp.unlink(missing_ok=True)
+    finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
+    for s in stages:
+        if status.get(s.key) == "done" and s.key not in finished:
+            warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
+    summary = GridSummary(len(stages), len(finished))
+    pending = [s for s in stages if s.key not in finished]
+    info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
+         f"({backend} backend)")
+    if not pending:
+        return summary
+    t0 = time.perf_counter()
+    common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
+              "git_commit": git_commit()}
+    _schedule(pending, finished, runner, common, store, summary)
+    summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def check_job_device(device: str, local: bool) -> None:
+    """The study's device, checked before the grid starts (not once per failing job). On Ray the
+    driver may lack the workers' GPUs, so only the spelling is checked there."""
+    from antidoor.utils import resolve_device
+
+    try:
+        resolve_device(device)
+    except AntidoorError as e:
+        if local or "not available here" not in str(e):
+            raise AntidoorError(f"study device: {e}") from None
 
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
@@ -116,7 +171,7 @@ def _schedule(pending: list[Stage], finished: set[str], runner: object, common: 
                 finished.add(s.key)
                 summary.done += 1
             else:
-                if result["status"] == "lost":
+                if result["status"] == "lost":  # the worker died before it could record the failure itself
                     store.record_failure(s.key, s.kind, s.config, s.labels, result["error"])
                 failed.add(s.key)
                 summary.failed += 1

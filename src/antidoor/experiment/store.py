@@ -17,7 +17,7 @@ A stage is recorded twice: ``start`` (status ``running``, in its own short trans
 ``finish``/``fail`` (status, metrics and artifacts in one transaction, so a killed process leaves
 either the whole record or the ``running`` row that ``--resume`` reruns). Writers take the lock
 up front (``BEGIN IMMEDIATE``) and wait for it (``timeout``), so concurrent writers never lose a row.
-This module imports neither torch nor the rest of antidoor: workers and tools open it cheaply.
+This module imports neither torch nor the rest of antidoor (but its errors): workers and tools open it cheaply.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from antidoor.errors import AntidoorError  # pydantic only: the store stays cheap to import
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "failed")
@@ -70,6 +72,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
 """
 
 
+class StoreError(AntidoorError):
+    """A file that is not a usable study store (someone else's database, a corrupt file, another schema)."""
+
+
 @dataclass(frozen=True)
 class Metric:
     """One number: a scalar (``step`` None) or one point of a curve."""
@@ -89,19 +95,70 @@ class Artifact:
 
 
 class Store:
-    """A study's SQLite file. Open one per process (``Store(path)``); it is cheap."""
+    """A study's SQLite file. Open one per process (``Store(path)``); it is cheap.
 
-    def __init__(self, path: str | Path, timeout: float = 120.0) -> None:
+    ``readonly=True`` (``results``, ``report``) opens it with SQLite's read-only mode and never
+    changes it: no tables created, no journal mode switched, nothing written beside it. A file that is
+    no antidoor store (someone else's database, a corrupt file) is refused with one line, and left as it was.
+    """
+
+    def __init__(self, path: str | Path, timeout: float = 120.0, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before reading
-        self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA foreign_keys = ON")
-        if self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-            raise RuntimeError(f"could not switch {self.path} to WAL mode (is it on a network file system?)")
-        self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a committed stage survives a killed process
-        self._create()
+        self.readonly = readonly
+        try:
+            if readonly or (self.path.is_file() and self.path.stat().st_size > 0):
+                self._check_is_store()  # before anything is written into someone else's file
+            if readonly:
+                self.conn = self._connect_readonly(timeout)
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken before reading
+            self.conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA foreign_keys = ON")
+            if self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"could not switch {self.path} to WAL mode (is it on a network file system?)")
+            self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: a committed stage survives a killed process
+            self._create()
+        except sqlite3.Error as e:
+            raise StoreError(f"study store {str(self.path)!r} cannot be opened ({e})") from None
+
+    def _connect_readonly(self, timeout: float) -> sqlite3.Connection:
+        """A read-only connection that creates nothing beside the file.
+
+        While a grid writes the store, its ``-wal`` file exists and SQLite's read-only mode reads a
+        consistent snapshot through it. At rest there is no ``-wal``; read-only mode would then leave an
+        empty ``-wal`` and a ``-shm`` behind (or fail in a folder we may not write), so the file is
+        read as immutable: nobody is writing it.
+        """
+        uri = self.path.absolute().as_uri()
+        writer = Path(f"{self.path}-wal").exists()
+        mode = "mode=ro" if writer else "immutable=1"
+        conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _check_is_store(self) -> None:
+        """Refuse a file that is not an antidoor study store, reading it read-only."""
+        if not self.path.is_file():
+            raise StoreError(f"no study store at {str(self.path)!r}")
+        conn = None
+        try:
+            conn = self._connect_readonly(5.0)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = {"meta", "runs", "metrics", "artifacts"} - tables
+            if missing:
+                raise StoreError(f"{str(self.path)!r} is an SQLite database but not an antidoor study store "
+                                 f"(no {', '.join(sorted(missing))} table); it was left unchanged")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"{str(self.path)!r} is not a readable study store ({e})") from None
+        finally:
+            if conn is not None:
+                conn.close()
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            raise StoreError(f"{str(self.path)!r} has store schema {row[0] if row else None}; "
+                             f"this antidoor reads schema {SCHEMA_VERSION}")
 
     def _create(self) -> None:
         with self.transaction() as c:
@@ -111,7 +168,7 @@ class Store:
             c.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         found = self.get_meta("schema_version")
         if found != str(SCHEMA_VERSION):
-            raise RuntimeError(f"{self.path} has store schema {found}; this antidoor reads schema {SCHEMA_VERSION}")
+            raise StoreError(f"{self.path} has store schema {found}; this antidoor reads schema {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
@@ -143,7 +200,12 @@ class Store:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
-        return row[0] if key == "schema_version" else json.loads(row[0])
+        if key == "schema_version":
+            return row[0]
+        try:
+            return json.loads(row[0])
+        except (ValueError, TypeError, RecursionError):
+            raise StoreError(f"study store {str(self.path)!r}: its recorded {key!r} is not valid JSON") from None
 
     # -- writing runs ------------------------------------------------------------------------------------
     def start(self, key: str, stage: str, config: dict[str, Any], labels: dict[str, Any],
@@ -176,14 +238,17 @@ class Store:
 
     def fail(self, run_id: int, error: str, seconds: float | None = None) -> None:
         with self.transaction() as c:
-            c.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
-            c.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
-            c.execute("UPDATE runs SET status = 'failed', finished = ?, seconds = ?, error = ? WHERE id = ?",
-                      (time.time(), seconds, error, run_id))
+            _mark_failed(c, run_id, error, seconds)
 
     def record_failure(self, key: str, stage: str, config: dict[str, Any], labels: dict[str, Any], error: str) -> None:
-        """A stage that never ran (its upstream failed, or its worker died): a failed row with the reason."""
-        self.fail(self.start(key, stage, config, labels), error)
+        """A stage that could not record its own end (its upstream failed, or its worker died): a failed row
+        with the reason. ``attempts`` counts only real starts, which ``start`` already recorded: a stage that
+        never ran keeps 0 (or its count from earlier runs), a lost worker's stage its one attempt."""
+        with self.transaction() as c:
+            c.execute("INSERT INTO runs (key, stage, config, dataset, model, attack, defense, seed, status, attempts) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'failed', 0) ON CONFLICT(key) DO NOTHING",
+                      (key, stage, canonical_json(config), *[labels.get(k) for k in LABELS]))
+            _mark_failed(c, c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0], error)
 
     # -- reading -----------------------------------------------------------------------------------------
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
@@ -210,6 +275,13 @@ class Store:
         else:
             rows = self.conn.execute("SELECT * FROM artifacts WHERE run_id = ? ORDER BY name", (run_id,))
         return [dict(r) for r in rows]
+
+
+def _mark_failed(c: sqlite3.Connection, run_id: int, error: str, seconds: float | None = None) -> None:
+    c.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
+    c.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
+    c.execute("UPDATE runs SET status = 'failed', finished = ?, seconds = ?, error = ? WHERE id = ?",
+              (time.time(), seconds, error, run_id))
 
 
 def canonical_json(obj: Any) -> str:

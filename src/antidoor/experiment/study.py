@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
-from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.errors import AntidoorError, excerpt, format_validation_error
 from antidoor.presets import preset_values
 from antidoor.stress.suite import ModelStressConfig
 from antidoor.train import TrainConfig
@@ -83,7 +83,7 @@ class StudyConfig(BaseModel):
     @classmethod
     def _seeds(cls, v: list[int]) -> list[int]:
         if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError(f"seeds {v}: must be distinct integers >= 0")
+            raise ValueError(f"seeds {excerpt(v)}: must be distinct integers >= 0")
         return v
 
 
@@ -98,7 +98,7 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
         set_nested(raw, keys, value)
     raw = _with_preset(raw)
     try:
-        return StudyConfig(**raw)
+        return StudyConfig.model_validate(raw)  # not StudyConfig(**raw): a YAML key may be a number
     except ValidationError as e:
         raise AntidoorError(f"invalid study: {format_validation_error(e)}") from None
 
@@ -140,25 +140,12 @@ def model_label(m: dict[str, Any]) -> str:
 def _load_cached(canonical: str) -> Any:
     import json
 
-    from antidoor.data import load_dataset, stratified_subset
-    from antidoor.data.dataset import ImageData
+    from antidoor.data import load_dataset
+    from antidoor.data.splits import data_subset
 
     cfg = StudyData(**json.loads(canonical))
     data = load_dataset(cfg.name, cfg.root, cfg.download, cfg.hflip, cfg.image_size)
-    if cfg.n_train is None and cfg.n_test is None:
-        return data
-    import torch
-
-    def pick(y: torch.Tensor, n: int | None, salt: int) -> torch.Tensor:
-        if n is None or n >= len(y):
-            return torch.arange(len(y))
-        # the subset belongs to the data definition, not to a run: a fixed seed, the same for every seed of the study
-        return stratified_subset(y.cpu(), n / len(y), torch.Generator().manual_seed(salt))
-
-    tr, te = pick(data.y_train, cfg.n_train, 0), pick(data.y_test, cfg.n_test, 1)
-    source = {**data.source, "subset": {"n_train": len(tr), "n_test": len(te), "stratified": True}}
-    return ImageData(dataset_label(cfg.model_dump()), data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te],
-                     data.classes, hflip=data.hflip, source=source)
+    return data_subset(data, cfg.n_train, cfg.n_test, dataset_label(cfg.model_dump()))
 
 
 def load_study_data(cfg: StudyData) -> Any:

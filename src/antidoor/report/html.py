@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import base64
 import html
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from antidoor.experiment.store import Store
-from antidoor.report import plots
-from antidoor.report.tables import aggregate, cell, curve_rows, display_columns, latest_runs, result_rows
-from antidoor.report.verdicts import VERDICT_COLUMNS, VERDICT_RULE, study_verdicts
+from antidoor.report.document import Report, build_report
+from antidoor.report.markdown import to_markdown
+from antidoor.report.tables import cell
+from antidoor.report.verdicts import VERDICT_COLUMNS, VERDICT_RULE
 from antidoor.utils import atomic_write_bytes, atomic_write_text
 
 CSS = """
@@ -27,46 +26,6 @@ img { max-width: 100%; border: 1px solid #eee; }
 .note { color: #666; }
 """
 LABEL_COLUMNS = ("dataset", "model", "attack", "defense", "status", "error")
-
-
-@dataclass
-class Report:
-    title: str
-    summary: list[str]
-    tables: list[tuple[str, list[str], list[dict[str, Any]]]]  # (title, columns, rows)
-    figures: list[tuple[str, str, bytes]] = field(default_factory=list)  # (title, file stem, png)
-    notes: list[str] = field(default_factory=list)
-    verdicts: list[dict[str, Any]] = field(default_factory=list)  # first on the page (antidoor.report.verdicts)
-
-
-def build_report(store: Store) -> Report:
-    rows = result_rows(store)
-    agg = aggregate(rows)
-    study = store.get_meta("study") or {}
-    runs = latest_runs(store)  # a stage rerun under another key counts once, by its latest attempt
-    failed = [r for r in rows if r["status"] != "done"]
-    summary = [f"{len(runs)} stage runs: " + ", ".join(f"{sum(r['status'] == s for r in runs)} {s}"
-                                                       for s in ("done", "failed", "running")),
-               f"seeds: {study.get('seeds', '?')}; device: {study.get('device', '?')}",
-               f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
-    commits = sorted({r["git_commit"] for r in runs if r["git_commit"]})
-    if commits:
-        summary.append(f"antidoor commit: {', '.join(c[:12] for c in commits)}")
-    tables = [("Mean over seeds", display_columns(agg, aggregated=True), agg),
-              ("Every run", display_columns(rows), rows)]
-    figures, notes = [], []
-    for title, stem, png in (("Defenses compared", "defenses", plots.defenses_compared(agg)),
-                             ("asr after retuning", "retuning", plots.asr_after_retuning(agg))):
-        if png is not None:
-            figures.append((title, stem, png))
-        elif stem == "retuning":
-            notes.append("No retuning-attack results (p_asr) in this store: the study ran without the stress suite.")
-    for family, png in plots.curves(curve_rows(store)).items():
-        figures.append((f"Curves: {plots.FAMILY_TITLES.get(family, family)}", f"curves_{family}", png))
-    if failed:
-        notes.append(f"{len(failed)} rows did not finish; their errors are in the table.")
-    return Report(f"antidoor study: {study.get('name', store.path.parent.name)}", summary, tables, figures, notes,
-                  study_verdicts(store))
 
 
 def _html_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
@@ -98,10 +57,8 @@ def to_html(report: Report) -> str:
 
 def write_report(store_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     """Write ``out/report.html`` (self-contained) and ``out/report.md`` (+ ``out/report_files/*.png``)."""
-    from antidoor.report.markdown import to_markdown
-
     out = Path(out)
-    with Store(store_path) as store:
+    with Store(store_path, readonly=True) as store:
         report = build_report(store)
     html_path, md_path = out / "report.html", out / "report.md"
     atomic_write_text(html_path, to_html(report))

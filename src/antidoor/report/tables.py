@@ -184,9 +184,14 @@ def render(rows: list[dict[str, Any]], fmt: str, aggregated: bool = False) -> st
     return markdown_table(rows, columns)
 
 
+def md_text(s: str) -> str:
+    """Text as Markdown shows it, never as HTML: a study or dataset name may hold tags."""
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def esc(s: str) -> str:
-        return s.replace("|", "\\|").replace("\n", " ")
+        return md_text(s).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(esc(cell(r, c)) for c in columns) + " |" for r in rows]
