@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", action="store_true",
-                   help="let ours use bf16 autocast on CUDA (the reference never does, so the maths then differ)")
+                   help="let ours use bf16 autocast where the device runs it fast (CUDA; CPUs with AMX or AVX512-BF16); "
+                        "the reference never does, as the official code does not, so the maths then differ by rounding")
     p.add_argument("--min-cpu-share", type=float, default=None,
                    help="set aside (and run again) a round in which a call's process got less than this share of its "
                         "threads' CPU time (default: 0.75 on the CPU, off on CUDA)")

@@ -255,7 +255,8 @@ def test_cli_stress_writes_report(run_cli, saved_run, stress_ckpts, tmp_path):
     assert doc["config"]["path"]["points"] == 3 and doc["seconds"] > 0
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["table"][0]["model"] == "ft" and last["verdicts"]["ft"] in VERDICTS
-    assert res.stderr.lstrip().startswith(f"ft: {last['verdicts']['ft']}")  # the verdict before the tables
+    said = "\n" + res.stderr
+    assert said.index(f"\nft: {last['verdicts']['ft']}") < said.index("┏")  # its own line, after any warnings, before the tables
     assert (tmp_path / "stress.md").read_text().splitlines()[2] == "## Verdict"
 
 
