@@ -199,3 +199,27 @@ def test_progress_bar_off_a_terminal_is_silent(capsys: pytest.CaptureFixture[str
         for _ in range(3):
             advance(1, loss=0.5)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("module", "must_not_load"), [
+    ("antidoor.config", ["antidoor.pipeline", "antidoor.stress.suite"]),
+    ("antidoor.stress.settings", ["antidoor.pipeline", "antidoor.config"]),
+])
+def test_layers_point_down(module: str, must_not_load: list[str]) -> None:
+    """No import circles: a lower layer imported alone loads none of the layers above it."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print([m for m in {must_not_load!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"{module} loads {out}"
+
+
+def test_report_markdown_and_document_do_not_import_the_html_writer() -> None:
+    import antidoor.report.document as document
+    import antidoor.report.markdown as markdown
+
+    for module in (markdown, document):
+        imports = [line for line in __import__("pathlib").Path(module.__file__).read_text().splitlines()
+                   if line.lstrip().startswith(("import ", "from "))]
+        assert not [line for line in imports if "report.html" in line or "report import html" in line], module.__name__

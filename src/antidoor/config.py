@@ -25,7 +25,7 @@ from antidoor.importer import ImportedModel
 from antidoor.models import model_factory
 from antidoor.presets import preset_values
 from antidoor.stress.retune import RAConfig
-from antidoor.stress.suite import StressConfig
+from antidoor.stress.settings import StressConfig
 from antidoor.train import TrainConfig
 from antidoor.validate import MAX_CONFIG_BYTES, InvalidYAML, load_yaml, read_user_text
 

@@ -239,7 +239,8 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
 def run_stress(stage: Stage, ctx: StageContext) -> StageOutput:
     """The stress suite on one model (purified, backdoored or clean) under its attack's trigger."""
     from antidoor.checkpoint import load_checkpoint
-    from antidoor.stress.suite import ModelStressConfig, qra_data_for, ra_data_for, stress_model
+    from antidoor.stress.settings import ModelStressConfig
+    from antidoor.stress.suite import qra_data_for, ra_data_for, stress_model
     from antidoor.utils import atomic_write_json
 
     c = stage.config

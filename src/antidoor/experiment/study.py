@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
 from antidoor.errors import AntidoorError, excerpt, format_validation_error
 from antidoor.presets import preset_values
-from antidoor.stress.suite import ModelStressConfig
+from antidoor.stress.settings import ModelStressConfig
 from antidoor.train import TrainConfig
 
 

@@ -10,18 +10,20 @@
 from antidoor.stress.path import PathConfig, PathResult, backdoor_path, check_same_architecture, reestimate_bn
 from antidoor.stress.qra import PerturbationGenerator, QRAConfig, QRAData, QRAResult, make_qra_data, perturb, qra
 from antidoor.stress.retune import RAConfig, RAData, RAResult, RARun, make_ra_data, retuning_attack
-from antidoor.stress.suite import (
-    ModelStress,
-    ModelStressConfig,
-    StressConfig,
-    StressResult,
-    markdown,
-    qra_data_for,
-    ra_data_for,
-    run_stress,
-    stress_model,
-    write_report,
-)
+from antidoor.stress.settings import ModelStressConfig, StressConfig
+
+# the suite needs the pipeline, which needs antidoor.config, which needs the settings above: it is
+# imported on first use, so that importing any stress module never drags the pipeline in
+_SUITE = {"ModelStress", "StressResult", "markdown", "qra_data_for", "ra_data_for", "run_stress", "stress_model", "write_report"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUITE:
+        from antidoor.stress import suite
+
+        return getattr(suite, name)
+    raise AttributeError(f"module 'antidoor.stress' has no attribute {name!r}")
+
 
 __all__ = [
     "ModelStress", "ModelStressConfig", "PathConfig", "PathResult", "PerturbationGenerator", "QRAConfig", "QRAData",

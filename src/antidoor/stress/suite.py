@@ -17,44 +17,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from antidoor.defenses import purify
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
-from antidoor.stress.guards import GuardConfig, check_scenario, require_classifier
-from antidoor.stress.inverted import InversionConfig, inverted_attack
-from antidoor.stress.path import PathConfig, PathResult, _describe, backdoor_path, check_same_architecture
+from antidoor.stress.guards import check_scenario, require_classifier
+from antidoor.stress.inverted import inverted_attack
+from antidoor.stress.path import PathResult, _describe, backdoor_path, check_same_architecture
 from antidoor.stress.plots import path_png, ra_curve_png
 from antidoor.stress.qra import QRAConfig, QRAData, QRAResult, make_qra_data, qra
 from antidoor.stress.retune import RAConfig, RAData, RAResult, make_ra_data, retuning_attack
+from antidoor.stress.settings import ModelStressConfig, StressConfig
 from antidoor.stress.verdict import Verdict, VerdictConfig, judge
 from antidoor.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, info
 
 if TYPE_CHECKING:
     from antidoor.pipeline import Scenario
-
-
-class ModelStressConfig(BaseModel):
-    """What every stressed model goes through: RA; QRA and the path for purified ones (and EP).
-    ``qra: null`` or ``path: null`` leaves a part out. A study's ``stress:`` section is this."""
-
-    model_config = ConfigDict(extra="forbid")
-    ra: RAConfig = RAConfig()
-    qra: QRAConfig | None = QRAConfig()
-    path: PathConfig | None = PathConfig()
-
-
-class StressConfig(ModelStressConfig):
-    """What ``antidoor stress`` runs: :class:`ModelStressConfig` plus the EP reference it may purify itself."""
-
-    ep: bool = Field(True, description="also stress EP (oracle; purified from the backdoored model) when its poisoned "
-                                       "samples are recorded and no EP model is given")
-    ep_params: dict[str, Any] = Field(default_factory=dict, description="parameters of that EP (default: FT's recipe)")
-    guards: GuardConfig = GuardConfig()
-    verdict: VerdictConfig = VerdictConfig()
-    inversion: InversionConfig | None = Field(None, description="trigger unknown: recover one from the backdoored "
-                                                                "model (BTI-DBF inversion); null: the given trigger")
 
 
 def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
