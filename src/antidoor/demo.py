@@ -28,13 +28,12 @@ from antidoor.presets import PRESETS
 from antidoor.stress import ra_data_for, retuning_attack
 from antidoor.utils import atomic_write_json, atomic_write_text, console, info
 
-DEMO_WIDTH, DEMO_EPOCHS, DEMO_BATCH, DEMO_LR = 32, 16, 256, 0.2
 DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"name": "cifar10-mini"},
     # the fast preset's recipe (antidoor.presets), narrower and shorter for 5,000 images and a 3-minute demo
-    "model": {"name": "whitened_cnn", "width": DEMO_WIDTH},
+    "model": {"name": "whitened_cnn", "width": 32},
     "attack": {"name": "badnets", "pratio": 0.1, "target": 0},
-    "train": {**PRESETS["fast"]["train"], "epochs": DEMO_EPOCHS, "batch_size": DEMO_BATCH, "lr": DEMO_LR},
+    "train": {**PRESETS["fast"]["train"], "epochs": 16, "batch_size": 256, "lr": 0.2},
     # small settings for a CPU demo: the defenses' own defaults (SAU: 100 rounds, batch 256,
     # lr 1e-4) stay the defaults of the API and the CLI
     "defenses": [{"name": "ft"}, {"name": "sau", "rounds": 20, "batch_size": 100, "lr": 5e-4}, {"name": "ep"}],

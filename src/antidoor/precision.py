@@ -38,9 +38,14 @@ def cpu_has_fast_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+@functools.cache
+def _cuda_has_bf16() -> bool:
+    return torch.cuda.is_bf16_supported()  # queried once: autocast is asked per batch and per PGD step
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return _cuda_has_bf16()
     return device.type == "cpu" and cpu_has_fast_bf16()
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from antidoor.attacks.base import ATTACKS, Attack, AttackParams
+from antidoor.attacks.badnets import BadNets
+from antidoor.attacks.base import ATTACKS, AttackParams
 from antidoor.errors import AntidoorError
 
 
@@ -36,7 +37,7 @@ class PatchParams(AttackParams):
 
 
 @ATTACKS.register("patch")
-class Patch(Attack):
+class Patch(BadNets):  # BadNets' mask/pattern stamp, with the user's image as the pattern
     name = "patch"
     Params = PatchParams
     params: PatchParams
@@ -74,10 +75,6 @@ class Patch(Attack):
             raise AntidoorError(f"attack.x {left}, attack.y {top}: a {ph}x{pw} patch does not fit {h}x{w} images; "
                                 f"allowed: x 0..{w - pw}, y 0..{h - ph}")
         return top, left
-
-    def stamp(self, x: torch.Tensor) -> torch.Tensor:
-        mask, pattern = self.tensors["mask"], self.tensors["pattern"]
-        return x * (1 - mask) + pattern
 
 
 def _read(path: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:

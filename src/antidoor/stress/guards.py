@@ -73,8 +73,10 @@ def check_scenario(models: dict[str, torch.nn.Module], backdoored_asr: float, sc
                    config: GuardConfig) -> list[Check]:
     """Run every check; raise on the first failed error-level check when ``config.enforce``, else warn."""
     checks = [_poisoned_samples(scenario), _trigger_matches(backdoored_asr, config)]
-    reference_acc = _defender_accuracy(models["backdoored"], scenario) if "backdoored" in models else None
-    checks += [_above_chance(n, m, scenario, config, reference_acc) for n, m in models.items()]
+    accuracy = {n: _defender_accuracy(m, scenario) for n, m in models.items()}  # each model measured once
+    n_images = len(scenario.splits.defender_train) + len(scenario.splits.defender_val)
+    checks += [_above_chance(n, acc, accuracy.get("backdoored"), n_images, scenario.data.num_classes, config)
+               for n, acc in accuracy.items()]
     for c in checks:
         if c.ok:
             continue
@@ -99,19 +101,16 @@ def _defender_accuracy(model: torch.nn.Module, scenario: Scenario) -> float:
     return (predict(model, d.x_train[idx]) == d.y_train[idx].to(_device(model))).float().mean().item()
 
 
-def _above_chance(name: str, model: torch.nn.Module, scenario: Scenario, config: GuardConfig,
-                  reference_acc: float | None = None) -> Check:
+def _above_chance(name: str, acc: float, reference_acc: float | None, n_images: int, num_classes: int,
+                  config: GuardConfig) -> Check:
     """Near chance: below chance + chance_margin, or, for a weak backdoored reference, below halfway
     between chance and its accuracy (a purified model of a 35% model may honestly sit at 24%)."""
-    d, s = scenario.data, scenario.splits
-    idx = torch.cat([s.defender_train, s.defender_val])
-    acc = _defender_accuracy(model, scenario)
-    chance = 1 / d.num_classes
+    chance = 1 / num_classes
     t = chance + config.chance_margin
     if reference_acc is not None and reference_acc > chance:
         t = min(t, (chance + reference_acc) / 2)
     ok = acc >= t
-    msg = (f"model {name!r} classifies the defender's {len(idx)} clean images at {100 * acc:.1f}%" +
+    msg = (f"model {name!r} classifies the defender's {n_images} clean images at {100 * acc:.1f}%" +
            ("" if ok else f", within guards.chance_margin of chance ({100 * chance:.1f}%): its input normalisation "
                           "(mean/std), class order or class count is probably not the one it was trained with"))
     return Check(f"clean_acc:{name}", ok, msg, acc, t)
