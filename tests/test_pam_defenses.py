@@ -149,8 +149,46 @@ def test_bad_parameters_name_the_parameter(name, params, key):
 def test_pam_defaults_are_the_official_recipe_with_momentum_09():
     spec = validate_defense_spec({"name": "pam"})
     assert {k: spec[k] for k in ("rho", "lr", "batch_size", "epochs", "rounds", "momentum", "optimizer", "feature_weight",
-                                  "generated_ratio")} == {"rho": 0.5, "lr": 0.01, "batch_size": 128, "epochs": 30, "rounds": 3,
+                                  "generated_ratio")} == {"rho": "auto", "lr": 0.01, "batch_size": 128, "epochs": 30, "rounds": 3,
                                                           "momentum": 0.9, "optimizer": "sgd", "feature_weight": 0.0,
                                                           "generated_ratio": 0.2}
     bti = validate_defense_spec({"name": "bti-dbf"})
     assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"]) == ("adam", 1e-4, 5, 32)
+
+
+def test_default_rho_is_auto_for_every_pam_defense():
+    for name in ("pam", "ft-pam", "sau-pam"):
+        spec = validate_defense_spec({"name": name})
+        assert (spec["rho"], spec["rho_candidates"], spec["rho_tolerance"]) == ("auto", [0.9, 0.7, 0.5, 0.3, 0.1], 0.02)
+    assert validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.1, 0.5, 0.1]})["rho_candidates"] == [0.5, 0.1]
+    with pytest.raises(AntidoorError, match=r"defense\.rho_candidates"):
+        validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.5, -0.1]})
+    with pytest.raises(AntidoorError, match=r"defense\.rho"):
+        validate_defense_spec({"name": "ft-pam", "rho": "big"})
+
+
+FT_TINY = {"epochs": 2, "batch_size": 40, "lr": 0.05}
+
+
+def test_rho_auto_keeps_the_largest_rho_within_the_validation_budget(badnets_run, defender):
+    model = badnets_run.result.model
+    # a budget everything meets: the first (largest) candidate is kept, and only it is run
+    chosen: dict[str, float] = {}
+    auto = purify(model, defender, "ft-pam", seed=4, chosen=chosen, rho_candidates=[0.9, 0.2], rho_tolerance=1.0, **FT_TINY)
+    assert chosen["rho"] == 0.9 and chosen["rho_candidates_tried"] == 1
+    assert chosen["rho_reference_val_clean_acc"] == pytest.approx(defender.val_accuracy(model))
+    assert _same(auto, purify(model, defender, "ft-pam", seed=4, rho=0.9, **FT_TINY))  # the same run as a fixed rho
+
+
+def test_rho_auto_without_a_candidate_in_budget_keeps_the_most_accurate(badnets_run, defender):
+    model = badnets_run.result.model
+    reference = defender.val_accuracy(model)
+    runs = {rho: purify(model, defender, "ft-pam", seed=5, rho=rho, **FT_TINY) for rho in (0.9, 0.0)}
+    accs = {rho: defender.val_accuracy(m) for rho, m in runs.items()}
+    chosen: dict[str, float] = {}
+    # a budget of 0 that no candidate above the given model's accuracy meets: the search runs both
+    auto = purify(model, defender, "ft-pam", seed=5, chosen=chosen, rho_candidates=[0.9, 0.0], rho_tolerance=0.0, **FT_TINY)
+    passing = [rho for rho in (0.9, 0.0) if accs[rho] >= reference]
+    expected = passing[0] if passing else max(accs, key=lambda r: (accs[r], -r))
+    assert chosen["rho"] == expected and chosen["rho_val_clean_acc"] == pytest.approx(accs[expected])
+    assert _same(auto, runs[expected])

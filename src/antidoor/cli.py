@@ -203,19 +203,22 @@ def purify(
     params = {k: v for k, v in cfg.defense.items() if k != "name"}
     defender = scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
     before = scenario.evaluator(ckpt.model.to(scenario.device))
-    purified = run_defense(ckpt.model, defender, name, seed=cfg.seed, **params)
+    chosen: dict[str, float] = {}
+    purified = run_defense(ckpt.model, defender, name, seed=cfg.seed, chosen=chosen, **params)
     after = scenario.evaluator(purified)
     if "asr" in before:
         after["der"] = der(before, after)
     # the sidecar's own fields (arch, attack, versions, ...) are rewritten by save_checkpoint
     inherited = {k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")}
-    meta = {**inherited, "defense": {**cfg.defense, "seed": cfg.seed}, "parent": str(checkpoint),
-            "metrics_before": before, "metrics": after}
+    defense_meta = {**cfg.defense, "seed": cfg.seed, **({"chosen": chosen} if chosen else {})}
+    meta = {**inherited, "defense": defense_meta, "parent": str(checkpoint), "metrics_before": before, "metrics": after}
     save_checkpoint(out / "model.safetensors", purified, meta, ckpt.attack, ckpt.splits)
     atomic_write_json(out / "metrics.json",
                       {"before": before, "after": after, "defense": meta["defense"], "parent": str(checkpoint)})
     console.print(_metrics_table(f"{name} on {checkpoint.name}", [{"model": "before", **before}, {"model": name, **after}],
                                  ["model", "clean_acc", "asr", "robust_acc", "der"]))
+    if chosen:
+        console.print(f"chosen on the defender's validation data: {', '.join(f'{k} {v:g}' for k, v in chosen.items())}")
     console.print(f"wrote {out / 'model.safetensors'} (+ model.json, metrics.json)")
     print_json_line({"before": before, "after": after})
 

@@ -87,6 +87,7 @@ class Defense:
         self.params = validate_params(self.Params, params, "defense", self.name)
         self.seed = seed
         self.monitor = monitor
+        self.chosen: dict[str, float] = {}  # settings the defense chose itself (on validation data), e.g. rho: auto
 
     def report(self, epoch: int, model: Classifier) -> None:
         """Call the monitor after each round/epoch (for curves only: the result is always the last model)."""
@@ -118,11 +119,13 @@ def validate_defense_spec(spec: Any) -> dict[str, Any]:
 
 
 def purify(model: Classifier, data: DefenderData, method: str, seed: int = 0, device: str | torch.device | None = None,
-           monitor: Monitor | None = None, **params: Any) -> Classifier:
+           monitor: Monitor | None = None, chosen: dict[str, float] | None = None, **params: Any) -> Classifier:
     """Purify ``model`` with a registered defense; returns a new model and leaves ``model`` untouched.
 
     ``monitor(epoch, model)``, if given, is called after every round or epoch, e.g. to record
     curves; it cannot change the result, which is always the model after the last round.
+    ``chosen``, if given, receives the settings the defense chose on the defender's validation data
+    (e.g. ``{"rho": 0.3, ...}`` for ``rho: auto``).
 
     >>> purified = purify(backdoored, defender_data, "sau", rounds=20, batch_size=128)
     """
@@ -137,4 +140,6 @@ def purify(model: Classifier, data: DefenderData, method: str, seed: int = 0, de
     torch.manual_seed(seed)
     purified = defense.purify(work, data.to(dev))
     purified.eval()
+    if chosen is not None:
+        chosen.update(defense.chosen)
     return purified

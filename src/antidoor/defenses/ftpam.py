@@ -5,14 +5,15 @@ Backdoor Defense", NeurIPS 2024 (arXiv 2410.09838): PAM is an optimiser, so it c
 fine-tuning based defense. Here the defense is FT (cross-entropy on the defender's clean set, SGD lr
 0.01, momentum 0.9, weight decay 5e-4, 10 epochs, batch 128, cosine schedule, crop and flip) and
 the optimiser is wrapped in :class:`antidoor.optim.PAM` anchored at the model given to the defense
-(the backdoored weights). With ``rho: 0`` it is FT, step for step.
+(the backdoored weights). With ``rho: 0`` it is FT, step for step; ``rho: auto`` (the default) chooses
+rho on the defender's validation data (:class:`antidoor.defenses.pam.PathAware`).
 """
 
 from __future__ import annotations
 
 from antidoor.defenses.base import DEFENSES, DefenderData, Defense
 from antidoor.defenses.finetune import FineTuneParams
-from antidoor.defenses.pam import PAMSettings
+from antidoor.defenses.pam import PAMSettings, PathAware
 from antidoor.defenses.tuning import tune
 from antidoor.models.registry import Classifier
 from antidoor.train import make_optimizer, prepare_model
@@ -23,16 +24,16 @@ class FTPAMParams(FineTuneParams, PAMSettings):
 
 
 @DEFENSES.register("ft-pam")
-class FTPAM(Defense):
+class FTPAM(PathAware, Defense):
     name = "ft-pam"
     Params = FTPAMParams
     params: FTPAMParams
 
-    def purify(self, model: Classifier, data: DefenderData) -> Classifier:
+    def purify_at_rho(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
         self.check_batch(p.batch_size, data)
         prepare_model(model, data.device, p.channels_last)
-        optimizer = p.wrap(make_optimizer(model.parameters(), p), model.parameters())  # anchor: the input weights
+        optimizer = self.path_aware(make_optimizer(model.parameters(), p), model.parameters())  # anchor: the input weights
         tune(model, data, p, seed=self.seed, optimizer=optimizer, on_epoch_end=lambda epoch: self.report(epoch, model),
              description="FT-PAM")
         return model

@@ -10,7 +10,8 @@ step 1, unchanged); then PAM moves to theta~ = theta_t + rho * (theta_0 - theta_
 (theta_0: the backdoored weights given to the defense), SAU's unlearning loss is evaluated there
 (x and x + d in one forward), its gradient is taken, theta_t is restored and the Adam step applied.
 SAU reuses f(x) from before step 1 in its loss; here it cannot (the loss lives at theta~), so each
-batch costs one extra forward of x. Defaults: SAU's, plus rho 0.5 (PAM's official value).
+batch costs one extra forward of x. Defaults: SAU's, plus ``rho: auto`` (chosen on the defender's
+validation data, :class:`antidoor.defenses.pam.PathAware`; PAM's official value is 0.5).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from antidoor.defenses.base import DEFENSES
-from antidoor.defenses.pam import PAMSettings
+from antidoor.defenses.pam import PAMSettings, PathAware
 from antidoor.defenses.sau import SAU, SAUParams
 from antidoor.models.registry import Classifier
 from antidoor.optim import PAM
@@ -30,14 +31,14 @@ class SAUPAMParams(SAUParams, PAMSettings):
 
 
 @DEFENSES.register("sau-pam")
-class SAUPAM(SAU):
+class SAUPAM(PathAware, SAU):
     name = "sau-pam"
     Params = SAUPAMParams
     params: SAUPAMParams
     reuse_clean_logits = False
 
     def make_optimizer(self, f: Classifier) -> torch.optim.Optimizer:
-        return self.params.wrap(super().make_optimizer(f), f.parameters())  # anchor: the backdoored weights
+        return self.path_aware(super().make_optimizer(f), f.parameters())  # anchor: the backdoored weights
 
     def unlearn(self, optimizer: torch.optim.Optimizer, f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None,
                 x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, y0_ref: torch.Tensor) -> None:

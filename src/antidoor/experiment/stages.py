@@ -222,17 +222,21 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
             curves.append(Metric("purify", f"curve.{k}", float(v), step=step))
 
     defender = scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
-    purified = purify(backdoored, defender, name, seed=up["seed"], monitor=monitor if stage.config["curves"] else None, **params)
+    chosen: dict[str, float] = {}
+    purified = purify(backdoored, defender, name, seed=up["seed"], monitor=monitor if stage.config["curves"] else None,
+                      chosen=chosen, **params)
     after = scenario.evaluator(purified)
     # the defender's own validation accuracy, beside the test metrics: what a study may choose settings with
     after["val_clean_acc"] = defender.val_accuracy(purified)
     if "asr" in before:
         after["der"] = der(before, after)
     meta = {**{k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")},
-            "defense": {**spec, "seed": up["seed"]}, "parent": str(ctx.deps["attack"]), "metrics_before": before,
+            "defense": {**spec, "seed": up["seed"], **({"chosen": chosen} if chosen else {})},
+            "parent": str(ctx.deps["attack"]), "metrics_before": before,
             "metrics": after, "stage_key": stage.key}
     path = save_checkpoint(ctx.artifact(stage), purified, meta, ckpt.attack, ckpt.splits)
-    metrics = _scalars("purify", after) + curves
+    # what the defense chose on validation data (rho: auto) is a result too: chosen.rho, ...
+    metrics = _scalars("purify", after) + _scalars("purify", {f"chosen.{k}": v for k, v in chosen.items()}) + curves
     return StageOutput(metrics, [path])
 
 
