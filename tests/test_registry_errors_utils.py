@@ -223,3 +223,41 @@ def test_report_markdown_and_document_do_not_import_the_html_writer() -> None:
         imports = [line for line in __import__("pathlib").Path(module.__file__).read_text().splitlines()
                    if line.lstrip().startswith(("import ", "from "))]
         assert not [line for line in imports if "report.html" in line or "report import html" in line], module.__name__
+
+
+class FakeClock:
+    def __init__(self, step_seconds: float) -> None:
+        self.now, self.step = 0.0, step_seconds
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_a_long_loop_is_announced_once_with_its_estimate(capsys):
+    from antidoor.utils import Pace
+
+    # 1,000 steps of 2 s: the estimate (2,000 s) is made after the first step + 3 timed ones
+    pace = Pace(1000, "train", "a hint", clock=FakeClock(2.0))
+    for _ in range(10):
+        pace()
+    assert pace.estimate == pytest.approx(2000.0)
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps at the console's width
+    assert err.count("train: about 33 min on this machine (1000 steps, at the pace of the first 4); a hint") == 1
+
+
+def test_a_short_loop_is_not_announced(capsys):
+    from antidoor.utils import Pace
+
+    pace = Pace(100, "SAU", clock=FakeClock(1.0))  # 100 s in all: below the threshold
+    for _ in range(100):
+        pace()
+    assert pace.estimate == pytest.approx(100.0)
+    assert "about" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(42, "42 s"), (420, "7 min"), (7500, "2 h 05 min")])
+def test_format_duration(seconds, text):
+    from antidoor.utils import format_duration
+
+    assert format_duration(seconds) == text

@@ -227,7 +227,7 @@ class SAU(Defense):
         y0_ref_all = None if augment else predict(f_ref, data.x, p.batch_size, p.amp)
         amp = autocast(data.device, p.amp)
         n_batches = -(-len(data.x) // p.batch_size)
-        with progress_bar(p.rounds * n_batches, self.name.upper()) as advance:
+        with progress_bar(p.rounds * n_batches, self.name.upper(), "fewer defense.rounds shorten it") as advance:
             for r in range(p.rounds):
                 for x, y, idx in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
                     if self.reuse_clean_logits:
