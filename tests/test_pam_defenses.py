@@ -192,3 +192,20 @@ def test_rho_auto_without_a_candidate_in_budget_keeps_the_most_accurate(badnets_
     expected = passing[0] if passing else max(accs, key=lambda r: (accs[r], -r))
     assert chosen["rho"] == expected and chosen["rho_val_clean_acc"] == pytest.approx(accs[expected])
     assert _same(auto, runs[expected])
+
+
+def test_pam_auto_reuses_round_one_inversion_and_matches_fixed_rho_runs(badnets_run, defender):
+    from antidoor.defenses import DEFENSES
+
+    model = badnets_run.result.model
+    params = {**TINY, "rounds": 2}
+    fixed = {rho: purify(model, defender, "pam", seed=2, rho=rho, **params) for rho in (0.9, 0.3)}
+    # the search's own path: the second candidate starts from round 1's inversion kept by the first
+    d = DEFENSES.get("pam")(seed=2, **params)
+    d.keep_first_inversion = True
+    data = defender.without_oracle()
+    for rho in (0.9, 0.3):
+        d.rho_in_use = rho
+        torch.manual_seed(2)
+        assert _same(d.purify_at_rho(copy.deepcopy(model), data), fixed[rho])
+        assert d.first_inversion is not None

@@ -273,6 +273,10 @@ class BTIDBF(Defense):
     name = "bti-dbf"
     Params = BTIDBFParams
     params: BTIDBFParams
+    # Round 1's inversion (pretraining, mask, generator, target) depends only on the starting weights:
+    # a caller that runs the defense again from the same start (``rho: auto``) keeps it and reuses it.
+    keep_first_inversion: bool = False
+    first_inversion: tuple | None = None
 
     def make_optimizer(self, model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
         """The unlearning optimiser, built once for every round (the hook ``pam`` overrides)."""
@@ -290,19 +294,28 @@ class BTIDBF(Defense):
         prepare_model(model, device)
         g = generator_for(device, self.seed)
         gen = UNetGenerator(data.x.shape[1], p.generator_width).to(device)
-        pretrain_generator(gen, self._inversion_copy(model), data, p, g)
         gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)  # one optimiser across rounds, as in the paper's code
         cfg = self.unlearning_config()
         optimizer = self.make_optimizer(model, cfg)
         target = None
         for r in range(p.rounds):
-            inv = self._inversion_copy(model)
-            mask = train_feature_mask(inv, data, p, g)
-            train_generator(gen, gen_opt, inv, mask, data, p, g, target)
-            if target is None:
-                target = detect_target(gen, inv, data, p, g)
-                info(f"{self.name}: detected target class {target} (round 1)")
-            del inv
+            if r == 0 and self.first_inversion is not None:  # the same start: round 1's inversion, as computed before
+                gen_state, opt_state, mask, target, rng = copy.deepcopy(self.first_inversion)
+                gen.load_state_dict(gen_state)
+                gen_opt.load_state_dict(opt_state)
+                g.set_state(rng)
+            else:
+                inv = self._inversion_copy(model)
+                if r == 0:
+                    pretrain_generator(gen, inv, data, p, g)
+                mask = train_feature_mask(inv, data, p, g)
+                train_generator(gen, gen_opt, inv, mask, data, p, g, target)
+                if target is None:
+                    target = detect_target(gen, inv, data, p, g)
+                    info(f"{self.name}: detected target class {target} (round 1)")
+                del inv
+                if r == 0 and self.keep_first_inversion:
+                    self.first_inversion = copy.deepcopy((gen.state_dict(), gen_opt.state_dict(), mask, target, g.get_state()))
             gen.eval()
             tune(model, data, cfg, seed=self.seed + 1 + r, loss_fn=self._unlearning_loss(gen), optimizer=optimizer,
                  description=f"{self.name}: unlearn round {r + 1}")

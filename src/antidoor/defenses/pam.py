@@ -84,6 +84,8 @@ class PathAware:
 
     params: PAMSettings
     rho_in_use: float = 0.0
+    keep_first_inversion: bool = False  # read by defenses that can reuse rho-independent work across candidates
+    first_inversion: tuple | None = None
 
     def path_aware(self, base: torch.optim.Optimizer, backdoored: Iterable[torch.Tensor]) -> PAM:
         return PAM(base, anchor=backdoored, rho=self.rho_in_use, mode=self.params.rho_mode)
@@ -98,6 +100,7 @@ class PathAware:
             return self.purify_at_rho(model, data)
         reference = data.val_accuracy(model)
         monitor, self.monitor = self.monitor, None  # type: ignore[attr-defined]
+        self.keep_first_inversion = True  # what does not depend on rho is computed once (pam: round 1's inversion)
         tried: list[tuple[float, float, Classifier]] = []
         try:
             for rho in p.rho_candidates:
@@ -118,6 +121,7 @@ class PathAware:
                 tried.append(best)
         finally:
             self.monitor = monitor  # type: ignore[attr-defined]
+            self.keep_first_inversion, self.first_inversion = False, None
         rho, acc, result = tried[-1]
         self.rho_in_use = rho
         self.chosen.update({"rho": rho, "rho_val_clean_acc": acc, "rho_reference_val_clean_acc": reference,  # type: ignore[attr-defined]
