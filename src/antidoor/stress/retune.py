@@ -107,8 +107,11 @@ def make_ra_data(defender: DefenderData, attack: Attack, poison_pool: torch.Tens
     usable = torch.ones(len(poison_pool), dtype=torch.bool) if attack.clean_label else (pool_labels.cpu() != attack.target)
     candidates = usable.nonzero().flatten()
     if n_poison > len(candidates):
+        skipped = len(poison_pool) - len(candidates)
+        why = (f"; {skipped} of the {len(poison_pool)} are of the target class {attack.target}, which a dirty-label "
+               "attack does not poison" if skipped else "")
         raise AntidoorError(f"ra.n_poison {n_poison} asks for more poisoned samples than the {len(candidates)} available "
-                            f"({source}); allowed: 0..{len(candidates)}")
+                            f"({source}{why}); allowed: 0..{len(candidates)}")
     chosen = candidates[torch.randperm(len(candidates), generator=g)[:n_poison]].to(poison_pool.device)
     px = poison_pool[chosen].to(dev) if stamped else attack.apply_uint8(poison_pool[chosen].to(dev))
     py = torch.full((n_poison,), attack.target, dtype=torch.int64, device=dev)
