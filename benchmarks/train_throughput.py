@@ -4,8 +4,9 @@ Compares, in one process and on the same model, batches, seed and step count:
 
 * **trainer** -- :func:`antidoor.train.train` on the bundled ``cifar10-mini`` data with the BadNets
   poisoning hooks of a :class:`antidoor.pipeline.Scenario`, augmentation on, channels_last (and
-  bf16 autocast on CUDA). It is timed with its own per-epoch clock (``history[i]["seconds"]``), so
-  model and optimiser set-up are left out, just as they are for the bare loop.
+  bf16 autocast where it is fast: CUDA, CPUs with AMX/AVX512-BF16). It is timed with its own
+  per-epoch clock (``history[i]["seconds"]``), so model and optimiser set-up are left out, just as
+  they are for the bare loop.
 * **bare** -- only ``zero_grad``, forward, cross-entropy, backward, ``optimizer.step()`` and
   ``scheduler.step()`` on batches built beforehand by :func:`antidoor.train.batches` with the same
   generator seed, hooks and augmentation, so they are the very batches the trainer sees; they are
@@ -52,7 +53,7 @@ from _common import device_name, sync, with_cpu_share
 from antidoor.config import DataConfig
 from antidoor.data import Augment, ImageData, load_dataset
 from antidoor.pipeline import Scenario, new_model
-from antidoor.precision import autocast
+from antidoor.precision import amp_active, autocast
 from antidoor.train import BatchHook, TrainConfig, batches, make_optimizer, make_scheduler, prepare_model, train
 from antidoor.utils import atomic_write_json, generator_for, resolve_device, seed_everything
 
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "width": args.width, "batch_size": args.batch_size, "steps": steps, "epochs_per_run": epochs,
         "train_images": n, "poisoned_images": n_poisoned, "attack": "badnets",
         "pratio": args.pratio, "seed": args.seed, "warmup": args.warmup, "repeats": repeats,
-        "amp_bf16": device.type == "cuda" and cfg.amp, "channels_last": cfg.channels_last, "augment": cfg.augment,
+        "amp_bf16": amp_active(device, cfg.amp), "channels_last": cfg.channels_last, "augment": cfg.augment,
         "rounds": all_rounds,
         "median": {"bare_ips": bare_ips, "trainer_ips": trainer_ips, "trainer_wall_ips": trainer_wall_ips, **ablation_ips},
         "ablation_overhead": {name: 1 - ips / bare_ips for name, ips in ablation_ips.items()},

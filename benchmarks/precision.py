@@ -1,0 +1,150 @@
+"""bf16 against float32: does the precision change any result beyond noise, and what does it save?
+
+Two parts, each resumable (a run whose JSON exists under ``--out-dir`` is skipped):
+
+* ``train``: the demo's recipe (``antidoor.demo.DEMO_DEFAULTS``: whitened_cnn width 32, 16 epochs, the
+  bundled data), BadNets and Blended (pratio 0.1, target 0), seeds 0-2, once with bf16 autocast and
+  once in float32 (``ANTIDOOR_AMP=off``, which switches every loop: training, evaluation, SAU's PGD).
+  Each BadNets model is then purified with the demo's SAU (20 rounds, batch 100, lr 5e-4) in the same
+  precision. Records clean_acc, asr, training seconds (the trainer's clock), SAU's asr, clean_acc and
+  seconds.
+* ``demo``: ``antidoor demo`` end to end, in a subprocess, bf16 and float32 alternately (``--repeats``
+  times each): wall seconds and its table.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part train --out-dir benchmarks/results/precision
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part demo --out-dir benchmarks/results/precision
+    .venv/bin/python benchmarks/precision.py --table --out-dir benchmarks/results/precision
+
+Timings need an idle machine: the CPU share of each run is recorded (well below 1: contended).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import device_name, with_cpu_share
+from antidoor.config import AttackRunConfig, build_config
+from antidoor.defenses import purify
+from antidoor.demo import DEMO_DEFAULTS
+from antidoor.pipeline import Scenario, train_attack
+from antidoor.precision import amp_active
+from antidoor.utils import atomic_write_json
+
+PRECISIONS = {"bf16": "", "fp32": "off"}  # -> ANTIDOOR_AMP
+SAU = next(d for d in DEMO_DEFAULTS["defenses"] if d["name"] == "sau")
+
+
+def set_precision(name: str) -> None:
+    os.environ["ANTIDOOR_AMP"] = PRECISIONS[name]
+
+
+def train_run(attack: str, seed: int, precision: str) -> dict[str, Any]:
+    set_precision(precision)
+    base = {k: DEMO_DEFAULTS[k] for k in ("data", "model", "train")}
+    cfg = build_config(AttackRunConfig, overrides=[f"attack.name={attack}", "attack.pratio=0.1", "attack.target=0",
+                                                   f"seed={seed}", "device=cpu"], base=base)
+    scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
+    result, share = with_cpu_share(lambda: train_attack(cfg, scenario, description=f"{attack} s{seed} {precision}"))
+    row: dict[str, Any] = {"attack": attack, "seed": seed, "precision": precision,
+                           "bf16_active": amp_active(torch.device("cpu")), **result.metrics,
+                           "train_seconds": round(sum(h["seconds"] for h in result.history), 2), "cpu_share": round(share, 3)}
+    if attack == "badnets":
+        params = {k: v for k, v in SAU.items() if k != "name"}
+        t0 = time.perf_counter()
+        purified, share = with_cpu_share(lambda: purify(result.model, scenario.defender_data(), "sau", seed=seed, **params))
+        row["sau"] = {**scenario.evaluator(purified), "seconds": round(time.perf_counter() - t0, 2), "cpu_share": round(share, 3),
+                      "settings": SAU}
+    return row
+
+
+def demo_run(precision: str, out: Path) -> dict[str, Any]:
+    env = {**os.environ, "ANTIDOOR_AMP": PRECISIONS[precision]}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "antidoor.cli", "demo", "--quiet", "--out", str(out)], env=env,
+                          capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"demo failed ({precision}): {proc.stderr[-2000:]}")
+    results = json.loads((out / "results.json").read_text())
+    return {"precision": precision, "wall_seconds": round(wall, 1), "results": results}
+
+
+def table(out_dir: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("train-*.json"))]
+    lines = ["| attack | precision | clean_acc | asr | train s | SAU clean_acc | SAU asr | SAU s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for attack in ("badnets", "blended"):
+        for prec in PRECISIONS:
+            sel = [r for r in rows if r["attack"] == attack and r["precision"] == prec]
+            if not sel:
+                continue
+
+            def ms(values: list[float], pct: bool = True) -> str:
+                k = 100 if pct else 1
+                sd = statistics.stdev(values) * k if len(values) > 1 else 0.0
+                return f"{statistics.mean(values) * k:.1f} ± {sd:.1f}"
+
+            sau = [r["sau"] for r in sel if "sau" in r]
+            cells = [ms([r["clean_acc"] for r in sel]), ms([r["asr"] for r in sel]), ms([r["train_seconds"] for r in sel], False)]
+            cells += [ms([s["clean_acc"] for s in sau]), ms([s["asr"] for s in sau]), ms([s["seconds"] for s in sau], False)] \
+                if sau else ["—"] * 3
+            lines.append(f"| {attack} | {prec} ({len(sel)} seeds) | " + " | ".join(cells) + " |")
+    demos = [json.loads(p.read_text()) for p in sorted(out_dir.glob("demo-*.json"))]
+    if demos:
+        lines += ["", "| demo | wall s (each run) | clean model | BadNets clean_acc / asr | SAU clean_acc / asr |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for prec in PRECISIONS:
+            sel = [d for d in demos if d["precision"] == prec]
+            if not sel:
+                continue
+            res = sel[-1]["results"]
+            train = {r["model"]: r for r in res["training"]}
+            sau = next(r for r in res["purification"] if r["model"] == "sau")
+            bd = train["badnets"]
+            lines.append(f"| {prec} | {', '.join(str(d['wall_seconds']) for d in sel)} | {train['clean']['clean_acc']:.1%} | "
+                         f"{bd['clean_acc']:.1%} / {bd['asr']:.1%} | {sau['clean_acc']:.1%} / {sau['asr']:.1%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["train", "demo"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    p.add_argument("--repeats", type=int, default=1, help="demo runs of each precision, alternating")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--table", action="store_true", help="print the markdown tables of what --out-dir holds")
+    args = p.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    machine = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.part == "train":
+        for seed in args.seeds:
+            for attack in args.attacks:
+                for prec in PRECISIONS:  # bf16 and fp32 of one (attack, seed) back to back: the same machine state
+                    path = args.out_dir / f"train-{attack}-s{seed}-{prec}.json"
+                    if not path.exists():
+                        atomic_write_json(path, {**train_run(attack, seed, prec), "machine": machine})
+                        print(path.read_text(), flush=True)
+    elif args.part == "demo":
+        for i in range(args.repeats):
+            for prec in PRECISIONS:
+                path = args.out_dir / f"demo-{prec}-{i}.json"
+                if not path.exists():
+                    atomic_write_json(path, {**demo_run(prec, Path(f"/tmp/precision-demo-{prec}")), "machine": machine})
+                    print(path.read_text()[:400], flush=True)
+    if args.table:
+        print(table(args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
