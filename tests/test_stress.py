@@ -86,6 +86,33 @@ def test_ra_keeps_clean_model_low_and_backdoored_model_high(badnets_run, clean_r
     assert again.runs[0].asr_curve == clean.runs[0].asr_curve
 
 
+def test_evaluator_subset_is_a_fixed_stratified_draw_of_the_test_split(badnets_run):
+    ev = badnets_run.result.scenario.evaluator
+    assert ev.subset(None) is ev and ev.subset(len(ev.y)) is ev
+    sub = ev.subset(200, seed=3)
+    assert len(sub.y) == 200 and sub.attack is ev.attack
+    counts, full = sub.y.bincount(minlength=10), ev.y.bincount(minlength=10)
+    assert (counts - 200 * full / len(ev.y)).abs().max() < 1  # each class its share
+    rows = {tuple(r) for r in ev.x.flatten(1).tolist()}
+    assert all(tuple(r) in rows for r in sub.x.flatten(1).tolist())  # the split's own images
+    assert torch.equal(ev.subset(200, seed=3).x, sub.x) and (sub.y_bd != ev.attack.target).all()
+
+
+def test_ra_curves_on_a_subset_keep_the_whole_split_numbers(badnets_run):
+    """curve_images changes what the curves are measured on, never o_asr, p_asr or the retuned model."""
+    scenario = badnets_run.result.scenario
+    data = ra_data_for(scenario, RAConfig())
+    model = badnets_run.result.model
+    full = retuning_attack(model, data, scenario.evaluator, seeds=[0], epochs=2, keep_models=True)
+    part = retuning_attack(model, data, scenario.evaluator, seeds=[0], epochs=2, curve_images=300, keep_models=True)
+    assert part.before == full.before and part.runs[0].p_asr == full.runs[0].p_asr
+    assert part.runs[0].clean_acc == full.runs[0].clean_acc and part.runs[0].hits == full.runs[0].hits
+    assert _same(_state(part.retuned[0]), _state(full.retuned[0]))
+    sub = scenario.evaluator.subset(300)
+    assert len(part.runs[0].asr_curve) == 3 and part.runs[0].asr_curve[0] == sub(model)["asr"]
+    assert part.runs[0].asr_curve[-1] == sub(part.retuned[0])["asr"]
+
+
 def test_ra_refuses_bad_parameters(badnets_run):
     scenario = badnets_run.result.scenario
     data = ra_data_for(scenario, RAConfig())
@@ -113,6 +140,11 @@ def test_path_endpoints_equal_the_two_models(badnets_run, ft_model):
     assert re.bn == "reestimate" and isinstance(re, PathResult)
     assert abs(re.asr[-1] - own_bd["asr"]) < 0.15 and abs(re.clean_acc[0] - own_ft["clean_acc"]) < 0.1
     assert re.backdoor_error == [1 - a for a in re.asr]
+    # measured on a subset: the same points, the ends' own numbers on the whole split
+    part = backdoor_path(ft_model, bd, defender.x, ev, points=3, bn="interpolate", test_images=300)
+    sub = ev.subset(300)
+    assert part.t == [0.0, 0.5, 1.0] and part.endpoints == path.endpoints
+    assert (part.clean_acc[0], part.asr[-1]) == (sub(ft_model)["clean_acc"], sub(bd)["asr"])
 
 
 def test_path_refuses_models_that_cannot_be_interpolated(badnets_run):

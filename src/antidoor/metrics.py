@@ -57,6 +57,18 @@ class Evaluator:
     def __call__(self, model: nn.Module) -> dict[str, float]:
         return self.measure(model)[0]
 
+    def subset(self, count: int | None, seed: int = 0) -> Evaluator:
+        """An evaluator on a fixed, class-stratified ``count`` of the test images (itself when ``count`` is
+        None or not smaller than the test split): for curves, where the whole split would cost more than
+        it tells. Headline numbers are measured on the whole split."""
+        from antidoor.data.splits import stratified_subset
+
+        if count is None or count >= len(self.y):
+            return self
+        idx = stratified_subset(self.y.cpu(), 0.0, torch.Generator().manual_seed(seed), count=count).sort().values
+        idx = idx.to(self.y.device)
+        return Evaluator(self.x[idx], self.y[idx], self.attack, self.batch_size)
+
     def measure(self, model: nn.Module) -> tuple[dict[str, float], torch.Tensor | None]:
         """The metrics and, per triggered test image, whether it went to the target (a bool CPU tensor;
         None without an attack): what a bootstrap over test images resamples."""

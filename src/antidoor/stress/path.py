@@ -41,6 +41,8 @@ class PathConfig(BaseModel):
     points: int = Field(21, ge=2, description="evenly spaced t in [0, 1], both ends included")
     bn: BNMode = Field("reestimate", description="BatchNorm buffers: re-estimated on the defender's clean data, or interpolated")
     batch_size: int = Field(512, ge=1, description="batch size of the BatchNorm re-estimation pass")
+    test_images: int | None = Field(None, ge=10, description="test images (a fixed stratified subset) measured at each "
+                                    "point; null: the whole split (the two end models are always measured on it)")
 
 
 @dataclass
@@ -115,11 +117,13 @@ def reestimate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 512,
 
 
 def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torch.Tensor | DefenderData, evaluator: Evaluator,
-                  points: int = 21, bn: BNMode = "reestimate", batch_size: int = 512) -> PathResult:
+                  points: int = 21, bn: BNMode = "reestimate", batch_size: int = 512,
+                  test_images: int | None = None) -> PathResult:
     """clean_acc and asr at ``points`` evenly spaced models between ``purified`` (t = 0) and ``backdoored`` (t = 1).
 
     ``clean_images``: the defender's clean images (uint8 N x C x H x W) for the BatchNorm
     re-estimation, or their :class:`DefenderData` (its training and validation images are used).
+    ``test_images``: measure the points on a fixed stratified subset of the test split of that size.
 
     >>> path = backdoor_path(purified, backdoored, defender.x, scenario.evaluator)
     >>> path.asr[0], path.asr[-1]
@@ -139,6 +143,7 @@ def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torc
         raise AntidoorError("BatchNorm re-estimation needs the defender's clean images, got none")
     t0 = time.perf_counter()
     endpoints = {"purified": evaluator(purified.to(device)), "backdoored": evaluator(backdoored.to(device))}
+    point_eval = evaluator.subset(test_images)
     work = copy.deepcopy(purified).to(device)
     src = {k: v.detach() for k, v in purified.state_dict().items()}
     dst = {k: v.detach() for k, v in backdoored.state_dict().items()}
@@ -155,7 +160,7 @@ def backdoor_path(purified: nn.Module, backdoored: nn.Module, clean_images: torc
                 v.copy_(torch.lerp(src[k], dst[k], t))
         if bn == "reestimate" and bn_buffers:
             reestimate_bn(work, clean_images, batch_size)
-        m = evaluator(work)
+        m = point_eval(work)
         result.t.append(round(t, 6))
         result.clean_acc.append(m["clean_acc"])
         result.asr.append(m["asr"])

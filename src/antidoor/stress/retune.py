@@ -65,6 +65,8 @@ class RAConfig(BaseModel):
     augment: bool = Field(True, description="crop and flip, drawn per batch")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="one RA run per seed")
     data_seed: int = Field(0, ge=0, description="which clean and poisoned images form the set")
+    curve_images: int | None = Field(None, ge=10, description="test images (a fixed stratified subset) for the per-epoch "
+                                     "asr curves; null: the whole split. o_asr and p_asr always use the whole split")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, momentum=self.momentum,
@@ -185,14 +187,18 @@ def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, confi
     train_cfg = cfg.train_config()
     device = data.x.device
     before, before_hits = evaluator.measure(model.to(device))
+    # the curves on a fixed subset when asked (every epoch of every seed is a measurement); the model
+    # before and after RA always on the whole split
+    curve_eval = evaluator.subset(cfg.curve_images)
+    curve_start = before if curve_eval is evaluator else curve_eval(model)
     runs, retuned = [], []
     for seed in cfg.seeds:
         work = copy.deepcopy(model).to(device)
-        asr_curve, acc_curve, last = [before["asr"]], [before["clean_acc"]], [(before, before_hits)]
+        asr_curve, acc_curve, last = [curve_start["asr"]], [curve_start["clean_acc"]], [(before, before_hits)]
 
         def record(_epoch: int, _stats: dict[str, float], work: Classifier = work, asr_curve: list[float] = asr_curve,
                    acc_curve: list[float] = acc_curve, last: list[tuple] = last) -> None:
-            m, hits = evaluator.measure(work)
+            m, hits = curve_eval.measure(work)
             asr_curve.append(m["asr"])
             acc_curve.append(m["clean_acc"])
             last[0] = (m, hits)
@@ -200,7 +206,8 @@ def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, confi
         t0 = time.perf_counter()
         train(work, data.x, data.y, train_cfg, seed=seed, hflip=data.hflip, description=f"{description} seed {seed}",
               on_epoch_end=record)
-        final, final_hits = last[0]  # measured after the last epoch: the final model's numbers
+        # the final model's numbers, on the whole split
+        final, final_hits = last[0] if curve_eval is evaluator else evaluator.measure(work)
         runs.append(RARun(seed, final["asr"], final["clean_acc"], final["robust_acc"], asr_curve, acc_curve,
                           round(time.perf_counter() - t0, 2), pack_hits(final_hits)))
         if keep_models:

@@ -191,7 +191,7 @@ def stress_model(name: str, role: str, model: Classifier, scenario: Scenario, ba
         defender = scenario.defender_data()
         clean_images = torch.cat([defender.x, defender.x_val])  # BatchNorm re-estimation: the defender's clean images
         p = config.path
-        res.path = backdoor_path(model, backdoored, clean_images, ev, p.points, p.bn, p.batch_size)
+        res.path = backdoor_path(model, backdoored, clean_images, ev, p.points, p.bn, p.batch_size, p.test_images)
         info(f"path {name} -> backdoored ({p.bn} BN): asr " + " ".join(f"{100 * a:.0f}" for a in res.path.asr))
     return res
 
