@@ -27,7 +27,8 @@ FAST_EXTRA = {"sau": FAST_SAU, "nad": {"teacher_epochs": 1}, "anp": {"iterations
 def fast_params(name: str) -> dict:
     """One epoch / round / few iterations and batch 40 for any registered defense, plus FAST_EXTRA."""
     fields = DEFENSES.get(name).Params.model_fields
-    small = {k: v for k, v in {"epochs": 1, "rounds": 1, "iterations": 5, "batch_size": 40}.items() if k in fields}
+    # the PAM defenses at a fixed rho: rho: auto runs the defense once per candidate (tests/test_pam_defenses.py)
+    small = {k: v for k, v in {"epochs": 1, "rounds": 1, "iterations": 5, "batch_size": 40, "rho": 0.5}.items() if k in fields}
     return {**small, **FAST_EXTRA.get(name, {})}
 
 

@@ -174,8 +174,11 @@ def test_rho_auto_keeps_the_largest_rho_within_the_validation_budget(badnets_run
     model = badnets_run.result.model
     # a budget everything meets: the first (largest) candidate is kept, and only it is run
     chosen: dict[str, float] = {}
-    auto = purify(model, defender, "ft-pam", seed=4, chosen=chosen, rho_candidates=[0.9, 0.2], rho_tolerance=1.0, **FT_TINY)
+    seen: list[int] = []
+    auto = purify(model, defender, "ft-pam", seed=4, chosen=chosen, rho_candidates=[0.9, 0.2], rho_tolerance=1.0,
+                  monitor=lambda epoch, m: seen.append(epoch), **FT_TINY)
     assert chosen["rho"] == 0.9 and chosen["rho_candidates_tried"] == 1
+    assert seen == []  # the search is silent: the candidates' curves would mix (a fixed rho reports every epoch)
     assert chosen["rho_reference_val_clean_acc"] == pytest.approx(defender.val_accuracy(model))
     assert _same(auto, purify(model, defender, "ft-pam", seed=4, rho=0.9, **FT_TINY))  # the same run as a fixed rho
 
