@@ -190,6 +190,7 @@ def purify(
     from antidoor.config import PurifyConfig, build_config
     from antidoor.defenses import DEFENSES
     from antidoor.defenses import purify as run_defense
+    from antidoor.defenses.base import defense_record
     from antidoor.metrics import der
     from antidoor.pipeline import Scenario
     from antidoor.utils import atomic_write_json
@@ -210,8 +211,8 @@ def purify(
         after["der"] = der(before, after)
     # the sidecar's own fields (arch, attack, versions, ...) are rewritten by save_checkpoint
     inherited = {k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")}
-    defense_meta = {**cfg.defense, "seed": cfg.seed, **({"chosen": chosen} if chosen else {})}
-    meta = {**inherited, "defense": defense_meta, "parent": str(checkpoint), "metrics_before": before, "metrics": after}
+    meta = {**inherited, "defense": defense_record(cfg.defense, cfg.seed, chosen), "parent": str(checkpoint),
+            "metrics_before": before, "metrics": after}
     save_checkpoint(out / "model.safetensors", purified, meta, ckpt.attack, ckpt.splits)
     atomic_write_json(out / "metrics.json",
                       {"before": before, "after": after, "defense": meta["defense"], "parent": str(checkpoint)})

@@ -22,6 +22,7 @@ from rich.table import Table
 from antidoor.checkpoint import save_checkpoint
 from antidoor.config import AttackRunConfig, DemoConfig, build_config
 from antidoor.defenses import DEFENSES, purify
+from antidoor.defenses.base import defense_record
 from antidoor.metrics import der
 from antidoor.pipeline import Scenario, run_meta, train_attack
 from antidoor.presets import PRESETS
@@ -73,11 +74,12 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
         name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
         t = time.perf_counter()
         defender = backdoor.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
-        purified = purify(bd.model, defender, name, seed=cfg.seed, **params)
+        chosen: dict[str, float] = {}
+        purified = purify(bd.model, defender, name, seed=cfg.seed, chosen=chosen, **params)
         seconds = time.perf_counter() - t
         metrics = backdoor.evaluator(purified)
         metrics["der"] = der(bd.metrics, metrics)
-        meta = {**run_meta(attack_cfg, bd), "defense": {**spec, "seed": cfg.seed},
+        meta = {**run_meta(attack_cfg, bd), "defense": defense_record(spec, cfg.seed, chosen),
                 "metrics_before": bd.metrics, "metrics": metrics}
         save_checkpoint(out / f"{cfg.attack['name']}-{name}.safetensors", purified, meta, backdoor.attack, backdoor.splits)
         defense_rows.append({"model": name, **metrics, "seconds": round(seconds, 1)})

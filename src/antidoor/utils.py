@@ -104,7 +104,8 @@ class Pace:
         self.total, self.description, self.hint = total, description, hint
         self.min_steps, self.min_seconds, self.clock = min_steps, min_seconds, clock
         self.done = 0
-        self.start: float | None = None
+        self.start: float | None = None  # the clock and the step count at the first step
+        self.first = 0
         self.estimate: float | None = None  # seconds for the whole loop, once made
 
     def __call__(self, n: int = 1) -> None:

@@ -118,6 +118,12 @@ def validate_defense_spec(spec: Any) -> dict[str, Any]:
     return {"name": spec["name"], **validate_params(cls.Params, params, "defense", cls.name).model_dump()}
 
 
+def defense_record(spec: dict[str, Any], seed: int, chosen: dict[str, float] | None = None) -> dict[str, Any]:
+    """What a purified checkpoint's sidecar says of its defense: every parameter, the seed and what the
+    defense chose itself on validation data (``chosen``, when it chose anything)."""
+    return {**spec, "seed": seed, **({"chosen": dict(chosen)} if chosen else {})}
+
+
 def purify(model: Classifier, data: DefenderData, method: str, seed: int = 0, device: str | torch.device | None = None,
            monitor: Monitor | None = None, chosen: dict[str, float] | None = None, **params: Any) -> Classifier:
     """Purify ``model`` with a registered defense; returns a new model and leaves ``model`` untouched.

@@ -112,20 +112,20 @@ class PathAware:
                      f"(given model {reference:.1%}, budget {p.rho_tolerance:.1%})")
                 tried.append((rho, acc, result))
                 if acc >= reference - p.rho_tolerance - 1e-9:
+                    kept = tried[-1]
                     break
             else:
-                best = max(tried, key=lambda t: t[1])
+                kept = max(tried, key=lambda t: t[1])
                 warn(f"{self.name}: no rho in {p.rho_candidates} kept the defender's validation accuracy within "  # type: ignore[attr-defined]
-                     f"{p.rho_tolerance:.1%} of the given model's ({reference:.1%}); keeping rho {best[0]:g} "
-                     f"({best[1]:.1%}), the most accurate")
-                tried.append(best)
+                     f"{p.rho_tolerance:.1%} of the given model's ({reference:.1%}); keeping rho {kept[0]:g} "
+                     f"({kept[1]:.1%}), the most accurate")
         finally:
             self.monitor = monitor  # type: ignore[attr-defined]
             self.keep_first_inversion, self.first_inversion = False, None
-        rho, acc, result = tried[-1]
+        rho, acc, result = kept
         self.rho_in_use = rho
         self.chosen.update({"rho": rho, "rho_val_clean_acc": acc, "rho_reference_val_clean_acc": reference,  # type: ignore[attr-defined]
-                            "rho_candidates_tried": float(len({r for r, _, _ in tried}))})
+                            "rho_candidates_tried": float(len(tried))})
         return result
 
 

@@ -206,6 +206,7 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
     """Purify the backdoored model (defender data only), then evaluate on the test split."""
     from antidoor.checkpoint import load_checkpoint, save_checkpoint
     from antidoor.defenses import DEFENSES, purify
+    from antidoor.defenses.base import defense_record
     from antidoor.metrics import der
 
     up = stage.config["upstream"]
@@ -231,7 +232,7 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
     if "asr" in before:
         after["der"] = der(before, after)
     meta = {**{k: v for k, v in ckpt.meta.items() if k in ("classes", "dataset", "seed", "config")},
-            "defense": {**spec, "seed": up["seed"], **({"chosen": chosen} if chosen else {})},
+            "defense": defense_record(spec, up["seed"], chosen),
             "parent": str(ctx.deps["attack"]), "metrics_before": before,
             "metrics": after, "stage_key": stage.key}
     path = save_checkpoint(ctx.artifact(stage), purified, meta, ckpt.attack, ckpt.splits)
