@@ -159,7 +159,8 @@ def test_pam_defaults_are_the_official_recipe_with_momentum_09():
 def test_default_rho_is_auto_for_every_pam_defense():
     for name in ("pam", "ft-pam", "sau-pam"):
         spec = validate_defense_spec({"name": name})
-        assert (spec["rho"], spec["rho_candidates"], spec["rho_tolerance"]) == ("auto", [0.9, 0.7, 0.5, 0.3, 0.1], 0.02)
+        assert (spec["rho"], spec["rho_candidates"], spec["rho_tolerance"], spec["rho_reference"]) == (
+            "auto", [0.9, 0.7, 0.5, 0.3, 0.1], 0.02, "rho_zero")
     assert validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.1, 0.5, 0.1]})["rho_candidates"] == [0.5, 0.1]
     with pytest.raises(AntidoorError, match=r"defense\.rho_candidates"):
         validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.5, -0.1]})
@@ -172,28 +173,46 @@ FT_TINY = {"epochs": 2, "batch_size": 40, "lr": 0.05}
 
 def test_rho_auto_keeps_the_largest_rho_within_the_validation_budget(badnets_run, defender):
     model = badnets_run.result.model
-    # a budget everything meets: the first (largest) candidate is kept, and only it is run
+    # a budget everything meets: rho 0 (the reference) and the first (largest) candidate are run, and it is kept
     chosen: dict[str, float] = {}
     seen: list[int] = []
     auto = purify(model, defender, "ft-pam", seed=4, chosen=chosen, rho_candidates=[0.9, 0.2], rho_tolerance=1.0,
                   monitor=lambda epoch, m: seen.append(epoch), **FT_TINY)
-    assert chosen["rho"] == 0.9 and chosen["rho_candidates_tried"] == 1
+    assert chosen["rho"] == 0.9 and chosen["rho_candidates_tried"] == 1 and chosen["rho_runs"] == 2
     assert seen == []  # the search is silent: the candidates' curves would mix (a fixed rho reports every epoch)
-    assert chosen["rho_reference_val_clean_acc"] == pytest.approx(defender.val_accuracy(model))
+    at_zero = purify(model, defender, "ft-pam", seed=4, rho=0.0, **FT_TINY)
+    assert chosen["rho_reference_val_clean_acc"] == pytest.approx(defender.val_accuracy(at_zero))
     assert _same(auto, purify(model, defender, "ft-pam", seed=4, rho=0.9, **FT_TINY))  # the same run as a fixed rho
+
+
+def test_rho_auto_against_the_given_model_skips_the_rho_zero_run(badnets_run, defender):
+    model = badnets_run.result.model
+    chosen: dict[str, float] = {}
+    purify(model, defender, "ft-pam", seed=4, chosen=chosen, rho_candidates=[0.9, 0.2], rho_tolerance=1.0,
+           rho_reference="given_model", **FT_TINY)
+    assert chosen["rho"] == 0.9 and chosen["rho_runs"] == 1
+    assert chosen["rho_reference_val_clean_acc"] == pytest.approx(defender.val_accuracy(model))
 
 
 def test_rho_auto_without_a_candidate_in_budget_keeps_the_most_accurate(badnets_run, defender):
     model = badnets_run.result.model
-    reference = defender.val_accuracy(model)
-    runs = {rho: purify(model, defender, "ft-pam", seed=5, rho=rho, **FT_TINY) for rho in (0.9, 0.0)}
+    runs = {rho: purify(model, defender, "ft-pam", seed=5, rho=rho, **FT_TINY) for rho in (0.9, 0.5, 0.0)}
     accs = {rho: defender.val_accuracy(m) for rho, m in runs.items()}
     chosen: dict[str, float] = {}
-    # a budget of 0 that no candidate above the given model's accuracy meets: the search runs both
-    auto = purify(model, defender, "ft-pam", seed=5, chosen=chosen, rho_candidates=[0.9, 0.0], rho_tolerance=0.0, **FT_TINY)
-    passing = [rho for rho in (0.9, 0.0) if accs[rho] >= reference]
-    expected = passing[0] if passing else max(accs, key=lambda r: (accs[r], -r))
+    # against the given model with no tolerance: fine-tuning lowers its memorised validation accuracy, so usually no
+    # candidate passes and the most accurate is kept (the expectation covers both outcomes)
+    reference = defender.val_accuracy(model)
+    auto = purify(model, defender, "ft-pam", seed=5, chosen=chosen, rho_candidates=[0.9, 0.5], rho_tolerance=0.0,
+                  rho_reference="given_model", **FT_TINY)
+    passing = [rho for rho in (0.9, 0.5) if accs[rho] >= reference]
+    expected = passing[0] if passing else max((0.9, 0.5), key=lambda r: (accs[r], r))
     assert chosen["rho"] == expected and chosen["rho_val_clean_acc"] == pytest.approx(accs[expected])
+    assert _same(auto, runs[expected])
+    # with rho 0 among the candidates and as the reference, it is run once and always meets its own budget
+    chosen = {}
+    auto = purify(model, defender, "ft-pam", seed=5, chosen=chosen, rho_candidates=[0.9, 0.0], rho_tolerance=0.0, **FT_TINY)
+    expected = 0.9 if accs[0.9] >= accs[0.0] else 0.0
+    assert chosen["rho"] == expected and chosen["rho_runs"] == 2
     assert _same(auto, runs[expected])
 
 

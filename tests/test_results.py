@@ -35,6 +35,9 @@ def test_resumed_study_shows_each_stages_latest_attempt(resumed_store):
 
 def test_rates_and_der_in_percent():
     assert fmt_value(0.93, "der") == "93.0%" and fmt_value(0.5, "asr") == "50.0%" and fmt_value(12.3, "seconds") == "12.3"
+    # a defense's chosen setting is a number, not a rate; its accuracies stay rates
+    assert fmt_value(0.3, "chosen.rho") == "0.3" and fmt_value(5.0, "chosen.rho_candidates_tried") == "5"
+    assert fmt_value(0.912, "chosen.rho_val_clean_acc") == "91.2%"
 
 
 def test_results_load_a_study(resumed_store):

@@ -26,7 +26,7 @@ Deviations from the official code, and why:
   the value that keeps clean accuracy depends on the model and the defender's data (on a 65%-accurate
   small CNN with 200 defender images, rho 0.5 cost 16 to 21 points; ``benchmarks/README.md``). auto
   keeps the largest rho of 0.9, 0.7, 0.5, 0.3, 0.1 whose defender-validation accuracy is within
-  2 points of the given model's (:class:`PathAware`); a number gives the official behaviour.
+  2 points of the same defense's at rho 0 (:class:`PathAware`); a number gives the official behaviour.
 """
 
 from __future__ import annotations
@@ -53,9 +53,16 @@ class PAMSettings(BaseModel):
 
     ``rho: auto`` (the default) chooses rho on the defender's own validation images: the defense is
     run from the same starting weights for each of ``rho_candidates``, largest first, and the first
-    result whose validation accuracy is at most ``rho_tolerance`` below the given model's is kept
-    (the largest rho that the clean-accuracy budget allows). If none is within the budget, the one
-    with the best validation accuracy is kept, with a warning. The test split is never looked at.
+    result whose validation accuracy is at most ``rho_tolerance`` below the reference is kept (the
+    largest rho that the clean-accuracy budget allows). If none is within the budget, the one with the
+    best validation accuracy is kept, with a warning. The test split is never looked at.
+
+    The reference (``rho_reference``) is by default the same defense run at rho 0, so the budget is
+    what the path-aware step itself may cost. The given model's own validation accuracy
+    (``given_model``) is the wrong yardstick when the defender's images were in its training set, as
+    in the papers' setting: a backdoored model is 98.8% accurate on such images and any fine-tuning
+    lands near 91-93% whatever it costs on test (``benchmarks/regime.md``). ``given_model`` saves the
+    extra run where the defender's images are truly held out.
     """
 
     rho: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
@@ -65,7 +72,10 @@ class PAMSettings(BaseModel):
     rho_candidates: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: list(AUTO_RHO_CANDIDATES), min_length=1,
                                         description="rho: auto tries these, largest first")
     rho_tolerance: float = Field(0.02, ge=0, le=1, description="rho: auto keeps the largest rho whose validation "
-                                                               "accuracy is at most this far below the given model's")
+                                                               "accuracy is at most this far below the reference's")
+    rho_reference: Literal["rho_zero", "given_model"] = Field(
+        "rho_zero", description="rho: auto's yardstick: the same defense at rho 0 (one more run), or the given model "
+                                "(only right when the defender's images were not in its training set)")
 
     @field_validator("rho_candidates")
     @classmethod
@@ -98,34 +108,45 @@ class PathAware:
         if p.rho != "auto":
             self.rho_in_use = float(p.rho)
             return self.purify_at_rho(model, data)
-        reference = data.val_accuracy(model)
         monitor, self.monitor = self.monitor, None  # type: ignore[attr-defined]
         self.keep_first_inversion = True  # what does not depend on rho is computed once (pam: round 1's inversion)
-        tried: list[tuple[float, float, Classifier]] = []
-        try:
-            for rho in p.rho_candidates:
+        runs: dict[float, tuple[float, Classifier]] = {}
+
+        def run(rho: float) -> tuple[float, Classifier]:
+            if rho not in runs:
                 self.rho_in_use = rho
                 torch.manual_seed(self.seed)  # type: ignore[attr-defined]  # each candidate from the same start
                 result = self.purify_at_rho(copy.deepcopy(model), data)
-                acc = data.val_accuracy(result)
-                info(f"{self.name}: rho {rho:g} -> defender validation accuracy {acc:.1%} "  # type: ignore[attr-defined]
-                     f"(given model {reference:.1%}, budget {p.rho_tolerance:.1%})")
-                tried.append((rho, acc, result))
-                if acc >= reference - p.rho_tolerance - 1e-9:
-                    kept = tried[-1]
-                    break
+                runs[rho] = (data.val_accuracy(result), result)
+            return runs[rho]
+
+        try:
+            if p.rho_reference == "rho_zero":
+                reference, yardstick = run(0.0)[0], "rho 0's"
             else:
-                kept = max(tried, key=lambda t: t[1])
+                reference, yardstick = data.val_accuracy(model), "the given model's"
+            tried: list[float] = []
+            kept = None
+            for rho in p.rho_candidates:
+                acc = run(rho)[0]
+                tried.append(rho)
+                info(f"{self.name}: rho {rho:g} -> defender validation accuracy {acc:.1%} "  # type: ignore[attr-defined]
+                     f"(reference: {yardstick} {reference:.1%}, budget {p.rho_tolerance:.1%})")
+                if acc >= reference - p.rho_tolerance - 1e-9:
+                    kept = rho
+                    break
+            if kept is None:
+                kept = max(tried, key=lambda r: runs[r][0])
                 warn(f"{self.name}: no rho in {p.rho_candidates} kept the defender's validation accuracy within "  # type: ignore[attr-defined]
-                     f"{p.rho_tolerance:.1%} of the given model's ({reference:.1%}); keeping rho {kept[0]:g} "
-                     f"({kept[1]:.1%}), the most accurate")
+                     f"{p.rho_tolerance:.1%} of {yardstick} ({reference:.1%}); keeping rho {kept:g} "
+                     f"({runs[kept][0]:.1%}), the most accurate")
         finally:
             self.monitor = monitor  # type: ignore[attr-defined]
             self.keep_first_inversion, self.first_inversion = False, None
-        rho, acc, result = kept
-        self.rho_in_use = rho
-        self.chosen.update({"rho": rho, "rho_val_clean_acc": acc, "rho_reference_val_clean_acc": reference,  # type: ignore[attr-defined]
-                            "rho_candidates_tried": float(len(tried))})
+        acc, result = runs[kept]
+        self.rho_in_use = kept
+        self.chosen.update({"rho": kept, "rho_val_clean_acc": acc, "rho_reference_val_clean_acc": reference,  # type: ignore[attr-defined]
+                            "rho_candidates_tried": float(len(tried)), "rho_runs": float(len(runs))})
         return result
 
 

@@ -50,6 +50,9 @@ def build_report(store: Store) -> Report:
     for family, png in plots.curves(curve_rows(store)).items():
         figures.append((f"Curves: {plots.FAMILY_TITLES.get(family, family)}", f"curves_{family}", png))
     if failed:
-        notes.append(f"{len(failed)} rows did not finish; their errors are in the table.")
+        running = sum(r["status"] == "running" for r in failed)
+        notes.append(f"{len(failed)} rows did not finish"
+                     + (f" ({running} still running or interrupted)" if running else "")
+                     + (": their errors are in the table." if running < len(failed) else "."))
     return Report(f"antidoor study: {study.get('name', store.path.parent.name)}", summary, tables, figures, notes,
                   study_verdicts(store))

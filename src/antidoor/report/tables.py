@@ -141,12 +141,19 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def is_setting(column: str) -> bool:
+    """A defense's chosen setting (``chosen.rho``), shown as the number it is, unless it is an accuracy."""
+    return column.startswith("chosen.") and not column.endswith(("_acc", "asr"))
+
+
 def fmt_value(v: Any, column: str = "") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         if column == "seconds":
             return f"{v:.1f}"
+        if is_setting(column):
+            return f"{v:g}" if v != int(v) else str(int(v))
         return f"{100 * v:.1f}%" if 0 <= v <= 1 else f"{v:.3f}"  # rates, der included, in percent
     return str(v)
 
