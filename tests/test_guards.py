@@ -54,6 +54,23 @@ def test_wrong_trigger_is_refused(badnets_run, clean_run):
         run_stress({"ft": clean_run.result.model}, badnets_run.result.model, clean_run.result.model, sc, QUICK)
 
 
+def test_a_trigger_the_clean_reference_follows_too_is_refused(badnets_run, clean_run):
+    """A trigger that sends the clean reference to the target as often as the backdoored model (an inverted
+    trigger that is a universal adversarial perturbation; here, a 'clean' reference that is the backdoored
+    model) cannot tell a backdoor from its absence: refused, or warned and recorded with enforce=false."""
+    model, sc = badnets_run.result.model, badnets_run.result.scenario
+    with pytest.raises(AntidoorError, match=r"clean reference has asr .* less than guards.min_asr_gap \(25 points\) apart.*"
+                                            r"not specific to the backdoor.*--set guards.enforce=false"):
+        run_stress({"ft": clean_run.result.model}, model, model, sc, QUICK)
+    checks = check_scenario({}, 0.97, sc, GuardConfig(enforce=False), clean_asr=0.90)
+    gap = next(c for c in checks if c.name == "trigger_specific")
+    assert not gap.ok and gap.value == pytest.approx(0.07) and gap.threshold == 0.25
+    # the real clean reference passes: its asr under BadNets' trigger is far below the backdoored model's
+    clean_asr = sc.evaluator(clean_run.result.model)["asr"]
+    assert next(c for c in check_scenario({}, sc.evaluator(model)["asr"], sc, GuardConfig(), clean_asr=clean_asr)
+                if c.name == "trigger_specific").ok
+
+
 def test_wrong_class_order_and_normalisation_are_caught(badnets_run):
     """A model whose class order is shifted by one is near chance on the defender's images: refused,
     or with enforce=false warned and recorded."""

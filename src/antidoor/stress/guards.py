@@ -6,6 +6,10 @@ Three mistakes give plausible but wrong numbers without a word, so each is check
   refused always; ``antidoor.models.wrap(module, mean, std)`` adds it;
 - **a trigger that does not match the backdoored model**: its asr under the given trigger is below
   ``guards.min_backdoored_asr`` (default 50%), so every asr of the suite measures the wrong trigger;
+- **a trigger that is not specific to the backdoor**: with a clean reference, its asr under the trigger
+  must stay ``guards.min_asr_gap`` (default 25 points) below the backdoored reference's. A trigger that
+  the clean model follows too (an inverted trigger that became a universal adversarial perturbation, say)
+  sends every model to the target, references included, and the verdicts would call anything deep;
 - **a model near chance on the defender's clean images** (training and validation parts; the test split
   is not used to decide anything): accuracy below chance + ``guards.chance_margin`` (default 15 points),
   or below halfway between chance and the backdoored reference's accuracy when that is lower
@@ -44,6 +48,8 @@ class GuardConfig(BaseModel):
     enforce: bool = Field(True, description="refuse on a failed check; false: warn and go on")
     min_backdoored_asr: float = Field(0.5, ge=0, le=1, description="least asr of the backdoored reference")
     chance_margin: float = Field(0.15, ge=0, le=1, description="least clean_acc above chance")
+    min_asr_gap: float = Field(0.25, ge=0, le=1, description="least gap between the backdoored and the clean reference's "
+                                                             "asr under the trigger")
 
 
 @dataclass
@@ -70,9 +76,14 @@ def require_classifier(name: str, model: torch.nn.Module) -> None:
 
 
 def check_scenario(models: dict[str, torch.nn.Module], backdoored_asr: float, scenario: Scenario,
-                   config: GuardConfig) -> list[Check]:
-    """Run every check; raise on the first failed error-level check when ``config.enforce``, else warn."""
+                   config: GuardConfig, clean_asr: float | None = None) -> list[Check]:
+    """Run every check; raise on the first failed error-level check when ``config.enforce``, else warn.
+
+    ``clean_asr``: the clean reference's asr under the same trigger, where there is one.
+    """
     checks = [_poisoned_samples(scenario), _trigger_matches(backdoored_asr, config)]
+    if clean_asr is not None and backdoored_asr >= config.min_backdoored_asr:
+        checks.append(_trigger_specific(backdoored_asr, clean_asr, config))
     accuracy = {n: _defender_accuracy(m, scenario) for n, m in models.items()}  # each model measured once
     n_images = len(scenario.splits.defender_train) + len(scenario.splits.defender_val)
     checks += [_above_chance(n, acc, accuracy.get("backdoored"), n_images, scenario.data.num_classes, config)
@@ -93,6 +104,17 @@ def _trigger_matches(asr: float, config: GuardConfig) -> Check:
            ("" if ok else f", below guards.min_backdoored_asr {100 * t:.0f}%: the trigger (its image, position, "
                           "target or blend) does not match the model, so every asr measured would be about another trigger"))
     return Check("backdoored_asr", ok, msg, asr, t)
+
+
+def _trigger_specific(backdoored_asr: float, clean_asr: float, config: GuardConfig) -> Check:
+    gap, t = backdoored_asr - clean_asr, config.min_asr_gap
+    ok = gap >= t
+    msg = (f"the clean reference has asr {100 * clean_asr:.1f}% under the trigger, the backdoored one "
+           f"{100 * backdoored_asr:.1f}%" +
+           ("" if ok else f": less than guards.min_asr_gap ({100 * t:.0f} points) apart, so the trigger is not specific to the "
+                          "backdoor (a model without it follows it too: an inverted trigger that became a universal "
+                          "adversarial perturbation, say) and o_asr/p_asr cannot tell a backdoor from its absence"))
+    return Check("trigger_specific", ok, msg, gap, t)
 
 
 def _defender_accuracy(model: torch.nn.Module, scenario: Scenario) -> float:

@@ -139,7 +139,8 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     if cfg.inversion is not None:  # the trigger is unknown: stress under one recovered from the backdoored model
         scenario = copy.copy(scenario)
         scenario.attack, scenario._evaluator = inverted_attack(backdoored, scenario, cfg.inversion), None
-    checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards)
+    clean_asr = scenario.evaluator(named["clean"])["asr"] if "clean" in named else None
+    checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards, clean_asr)
     if ep is None and cfg.ep and cfg.inversion is None:
         if scenario.oracle_available():
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
