@@ -19,7 +19,7 @@ OUT=${OUT:-runs/device-slice-out}
 
 if [ "${1:-}" = prepare ]; then
     mkdir -p "$DEV"
-    [ -f "$DEV/cifar10-slice.npz" ] || python tools/make_bundled.py --train-per-class 800 --test-per-class 200 \
+    [ -f "$DEV/cifar10-slice.npz" ] || python tools/make_bundled.py --npz --train-per-class 800 --test-per-class 200 \
         --out "$DEV/cifar10-slice.npz"
     # the device image has torch, typer, rich, PyYAML and safetensors but no pydantic: carry it, unpacked, for 3.12
     rm -rf "$DEV/wheels" "$DEV/pylib" && mkdir -p "$DEV/wheels" "$DEV/pylib"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from antidoor.data import ImageData, dataset_names, load_dataset, load_npz
-from antidoor.data.sources import BUNDLED, TORCHVISION
+from antidoor.data.sources import BUNDLE, BUNDLED, TORCHVISION
 from antidoor.errors import AntidoorError
 from conftest import shared_file
 
@@ -50,8 +50,42 @@ def test_bundled_images_come_from_the_shared_cifar10_splits(bundled: ImageData) 
 
 
 def test_bundled_file_is_listed() -> None:
-    assert BUNDLED["cifar10-mini"].is_file()
-    assert "cifar10-mini" in dataset_names() and "<file.npz>" in dataset_names()
+    assert BUNDLE.is_file() and BUNDLE.stat().st_size <= 20_000_000  # the package's data budget
+    assert {"cifar10-mini", "cifar10-10k"} <= set(dataset_names()) and "<file.npz>" in dataset_names()
+    assert BUNDLED == {"cifar10-mini": 5000, "cifar10-10k": 10000}
+
+
+def test_the_bundle_is_lossless_and_mini_is_its_first_half(bundled: ImageData, tmp_path: Path) -> None:
+    """Every bundled image decodes to the shared source's pixels at its recorded index; cifar10-10k extends mini."""
+    big = load_dataset("cifar10-10k", root=tmp_path)
+    assert big.x_train.shape == (10000, 3, 32, 32) and torch.bincount(big.y_train).tolist() == [1000] * 10
+    assert torch.equal(big.x_train[:5000], bundled.x_train) and torch.equal(big.x_test, bundled.x_test)
+    assert torch.bincount(big.y_train[5000:]).tolist() == [500] * 10  # each half class-balanced on its own
+    with np.load(BUNDLE) as f:
+        train_index, test_index = f["train_index"], f["test_index"]
+    with np.load(shared_file("cifar10-train20k.npz")) as f:
+        assert np.array_equal(f["x_train"][train_index], big.x_train.permute(0, 2, 3, 1).numpy())
+        assert np.array_equal(f["y_train"][train_index], big.y_train.numpy())
+    with np.load(shared_file("cifar10-test.npz")) as f:
+        assert np.array_equal(f["x_test"][test_index], big.x_test.permute(0, 2, 3, 1).numpy())
+    assert len(set(train_index.tolist())) == 10000
+
+
+def test_the_decoded_bundle_is_cached_and_a_broken_cache_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    from antidoor.data import sources
+
+    monkeypatch.setattr(sources, "_DECODED", {})
+    first = load_dataset("cifar10-mini", root=tmp_path)
+    (cache,) = (tmp_path / "bundled").glob("cifar10-*.npz")
+    monkeypatch.setattr(sources, "_DECODED", {})
+    monkeypatch.setattr(sources, "decode_webp_array", lambda *a: pytest.fail("decoded although cached"))
+    assert torch.equal(load_dataset("cifar10-mini", root=tmp_path).x_train, first.x_train)  # read from the cache
+    monkeypatch.undo()
+    monkeypatch.setattr(sources, "_DECODED", {})
+    cache.write_bytes(b"not an npz")
+    assert torch.equal(load_dataset("cifar10-mini", root=tmp_path).x_train, first.x_train)  # decoded again
+    with np.load(cache) as f:  # and the cache rewritten whole
+        assert f["x_train"].shape == (10000, 32, 32, 3)
 
 
 # --- .npz files -------------------------------------------------------------------------------

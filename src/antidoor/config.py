@@ -43,8 +43,10 @@ AttackSpec = Annotated[dict[str, Any], BeforeValidator(_attack_spec)]
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("cifar10-mini",
-                      description="cifar10-mini (bundled), a .npz path, an image folder, or cifar10/cifar100/gtsrb/mnist/svhn")
-    root: str = Field("~/.cache/antidoor", description="where torchvision datasets live or are downloaded to")
+                      description="cifar10-mini or cifar10-10k (bundled), a .npz path, an image folder, "
+                                  "or cifar10/cifar100/gtsrb/mnist/svhn")
+    root: str = Field("~/.cache/antidoor", description="where torchvision datasets live or are downloaded to (and the "
+                                                       "bundled images, decoded)")
     download: bool = False
     clean_ratio: float = Field(0.05, gt=0, lt=1, description="the defender's clean share of the training set")
     clean_count: int | None = Field(None, ge=2, description="the defender's clean images as a count (overrides clean_ratio); "
