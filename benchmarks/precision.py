@@ -8,10 +8,14 @@ Two parts, each resumable (a run whose JSON exists under ``--out-dir`` is skippe
   Each BadNets model is then purified with the demo's SAU (20 rounds, batch 100, lr 5e-4) in the same
   precision. Records clean_acc, asr, training seconds (the trainer's clock), SAU's asr, clean_acc and
   seconds.
+* ``sau``: SAU's precision alone. One BadNets model per seed (the demo's recipe, bf16), then the demo's
+  SAU on that same model once in bf16 and once in float32, both measured in float32: a paired
+  comparison that training's precision cannot confound.
 * ``demo``: ``antidoor demo`` end to end, in a subprocess, bf16 and float32 alternately (``--repeats``
   times each): wall seconds and its table.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part train --out-dir benchmarks/results/precision
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/precision.py --part sau --seeds 0 1 2 3 --out-dir benchmarks/results/precision
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part demo --out-dir benchmarks/results/precision
     .venv/bin/python benchmarks/precision.py --table --out-dir benchmarks/results/precision
 
@@ -67,6 +71,27 @@ def train_run(attack: str, seed: int, precision: str) -> dict[str, Any]:
     return row
 
 
+def sau_pair(seed: int) -> dict[str, Any]:
+    set_precision("bf16")
+    base = {k: DEMO_DEFAULTS[k] for k in ("data", "model", "train")}
+    cfg = build_config(AttackRunConfig, overrides=["attack.name=badnets", "attack.pratio=0.1", "attack.target=0",
+                                                   f"seed={seed}", "device=cpu"], base=base)
+    scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
+    result = train_attack(cfg, scenario, description=f"badnets s{seed} (bf16)")
+    set_precision("fp32")
+    row: dict[str, Any] = {"attack": "badnets", "seed": seed, "trained_in": "bf16",
+                           "backdoored": scenario.evaluator(result.model), "settings": SAU}
+    params = {k: v for k, v in SAU.items() if k != "name"}
+    for prec in PRECISIONS:
+        set_precision(prec)
+        t0 = time.perf_counter()
+        purified, share = with_cpu_share(lambda: purify(result.model, scenario.defender_data(), "sau", seed=seed, **params))
+        seconds = time.perf_counter() - t0
+        set_precision("fp32")  # both purified models measured the same way
+        row[prec] = {**scenario.evaluator(purified), "seconds": round(seconds, 2), "cpu_share": round(share, 3)}
+    return row
+
+
 def demo_run(precision: str, out: Path) -> dict[str, Any]:
     env = {**os.environ, "ANTIDOOR_AMP": PRECISIONS[precision]}
     t0 = time.perf_counter()
@@ -99,6 +124,19 @@ def table(out_dir: Path) -> str:
             cells += [ms([s["clean_acc"] for s in sau]), ms([s["asr"] for s in sau]), ms([s["seconds"] for s in sau], False)] \
                 if sau else ["—"] * 3
             lines.append(f"| {attack} | {prec} ({len(sel)} seeds) | " + " | ".join(cells) + " |")
+    pairs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("sau-badnets-s*.json"))]
+    if pairs:
+        lines += ["", "SAU on the same bf16-trained BadNets model, in each precision (measured in float32):", "",
+                  "| seed | backdoored clean_acc / asr | SAU bf16 clean_acc / asr | SAU fp32 clean_acc / asr | bf16 - fp32 asr |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in pairs:
+            b, lo, hi = r["backdoored"], r["bf16"], r["fp32"]
+            lines.append(f"| {r['seed']} | {b['clean_acc']:.1%} / {b['asr']:.1%} | {lo['clean_acc']:.1%} / {lo['asr']:.1%} | "
+                         f"{hi['clean_acc']:.1%} / {hi['asr']:.1%} | {100 * (lo['asr'] - hi['asr']):+.1f} |")
+        d_asr = [100 * (r["bf16"]["asr"] - r["fp32"]["asr"]) for r in pairs]
+        d_acc = [100 * (r["bf16"]["clean_acc"] - r["fp32"]["clean_acc"]) for r in pairs]
+        sd = statistics.stdev(d_asr) if len(d_asr) > 1 else 0.0
+        lines.append(f"| mean | | | | {statistics.mean(d_asr):+.1f} ± {sd:.1f} (clean_acc {statistics.mean(d_acc):+.1f}) |")
     demos = [json.loads(p.read_text()) for p in sorted(out_dir.glob("demo-*.json"))]
     if demos:
         lines += ["", "| demo | wall s (each run) | clean model | BadNets clean_acc / asr | SAU clean_acc / asr |",
@@ -118,7 +156,7 @@ def table(out_dir: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["train", "demo"])
+    p.add_argument("--part", choices=["train", "sau", "demo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
     p.add_argument("--repeats", type=int, default=1, help="demo runs of each precision, alternating")
@@ -135,6 +173,12 @@ def main() -> None:
                     if not path.exists():
                         atomic_write_json(path, {**train_run(attack, seed, prec), "machine": machine})
                         print(path.read_text(), flush=True)
+    elif args.part == "sau":
+        for seed in args.seeds:
+            path = args.out_dir / f"sau-badnets-s{seed}.json"
+            if not path.exists():
+                atomic_write_json(path, {**sau_pair(seed), "machine": machine})
+                print(path.read_text()[:600], flush=True)
     elif args.part == "demo":
         for i in range(args.repeats):
             for prec in PRECISIONS:
