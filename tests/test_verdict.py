@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -109,3 +110,21 @@ def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
     assert 0 <= target < 10 and res.models["backdoored"].ra.o_asr > 0.5  # asr is measured under the recovered trigger
     assert res.verdicts()["fresh"].verdict in ("not purified", "superficial", "deep")
     assert "ep" not in res.models
+
+
+def test_a_recovered_trigger_uses_outside_images_when_the_recorded_ones_are_its_target_class(badnets_run):
+    """A clean-label attack (SIG) records only target-class images; a recovered trigger relabels to its target,
+    so none of them can serve RA: it stamps training images outside the defender's data instead."""
+    from antidoor.stress.inverted import InvertedParams, InvertedTrigger
+    from antidoor.stress.suite import ra_data_for
+
+    sc = copy.copy(badnets_run.result.scenario)
+    d = sc.data
+    params = InvertedParams(target=0, pratio=0.0, generator_width=2)
+    sc.attack, sc._evaluator = InvertedTrigger(params, d.image_shape, d.num_classes, 0), None
+    sc.splits = copy.copy(sc.splits)
+    sc.splits.poison = (d.y_train == 0).nonzero().flatten()[:40].cpu()  # what SIG records: target-class images
+    ra = ra_data_for(sc, RAConfig())
+    assert "outside the defender's data" in ra.describe()["poisoned_from"]
+    sc.splits.poison = (d.y_train != 0).nonzero().flatten()[:40].cpu()  # a dirty-label attack's: usable as they are
+    assert "originals of other classes" in ra_data_for(sc, RAConfig()).describe()["poisoned_from"]

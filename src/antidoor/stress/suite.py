@@ -45,6 +45,12 @@ def ra_data_for(scenario: Scenario, cfg: RAConfig) -> RAData:
                             cfg.data_seed, given.source, stamped=True)
     pool = s.poison
     source = "recorded poisoned training samples"
+    if scenario.attack.name == "inverted" and len(pool):
+        # a recovered trigger relabels to the target it detected: the attacker's images of that class are no
+        # poisoned samples for it (all of a clean-label attack's, SIG's say); too few left -> outside images
+        usable = pool[d.y_train[pool.to(d.y_train.device)].to(pool.device) != scenario.attack.params.target]
+        pool = usable if len(usable) >= cfg.n_poison else pool[:0]
+        source = "recorded poisoned training samples' originals of other classes, recovered trigger stamped"
     if len(pool) == 0:  # a model from elsewhere: stamp the trigger on images the defender does not hold
         free = torch.ones(len(d.y_train), dtype=torch.bool)
         free[torch.cat([s.defender_train, s.defender_val])] = False
