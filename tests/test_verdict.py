@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from antidoor.stress import RAConfig, StressConfig, run_stress, write_report
 from antidoor.stress.verdict import VerdictConfig, judge, pack_hits, unpack_hits
@@ -110,6 +111,21 @@ def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
     assert 0 <= target < 10 and res.models["backdoored"].ra.o_asr > 0.5  # asr is measured under the recovered trigger
     assert res.verdicts()["fresh"].verdict in ("not purified", "superficial", "deep")
     assert "ep" not in res.models
+
+
+def test_the_recovered_trigger_does_not_depend_on_the_global_random_state(badnets_run):
+    """The same inversion seed gives the same trigger whatever ran before it (it used to draw the generator's
+    initial weights from the process's global RNG, so two identical stress commands recovered different triggers)."""
+    from antidoor.stress.inverted import InversionConfig, inverted_attack
+
+    sc, bd = badnets_run.result.scenario, badnets_run.result.model
+    cfg = InversionConfig(generator_width=4, pretrain_epochs=1, mask_epochs=1, generator_epochs=1, batch_size=50)
+    triggers = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        triggers.append(inverted_attack(bd, sc, cfg))
+    assert triggers[0].params.target == triggers[1].params.target
+    assert all(torch.equal(v, triggers[1].tensors[k]) for k, v in triggers[0].tensors.items())
 
 
 def test_a_recovered_trigger_uses_outside_images_when_the_recorded_ones_are_its_target_class(badnets_run):

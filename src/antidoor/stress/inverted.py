@@ -91,6 +91,7 @@ def inverted_attack(backdoored: Classifier, scenario: Scenario, config: Inversio
                      norm_bound=cfg.norm_bound)
     model = copy.deepcopy(backdoored).to(data.device).eval().requires_grad_(False)
     g = generator_for(data.device, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the generator's initial weights: the same recovered trigger in every process
     gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
     pretrain_generator(gen, model, data, p, g)
     mask = train_feature_mask(model, data, p, g)
