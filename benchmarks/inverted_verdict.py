@@ -111,7 +111,7 @@ def markdown(cells: list[dict[str, Any]]) -> str:
         for name, v in true.get("verdicts", {}).items():
             mt = true["models"][name]
             if "refused" in inv:
-                lines.append(f"| {c['attack']} | {c['seed']} | {name} | {v['verdict']} | refused | "
+                lines.append(f"| {c['attack']} | {c['seed']} | {name} | {word(v)} | refused | "
                              f"{pct(mt['o_asr'])} / - | {pct(mt['p_asr_mean'])} / - | no |")
                 total += 1
                 continue
