@@ -117,6 +117,24 @@ def test_schedules(schedule: str) -> None:
     else:
         assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01 and lrs.index(max(lrs)) > 0
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "linear", "constant"])
+def test_an_optimizer_reused_by_a_second_schedule_restarts_at_its_base_rate(schedule: str) -> None:
+    # BTI-DBF and PAM keep one optimiser across rounds and build a schedule per round: round 2 must not
+    # start where round 1's cosine ended (lr 0), which is what CosineAnnealingLR does with a reused optimiser
+    cfg = TrainConfig(lr=0.1, schedule=schedule, warmup=0.2)
+    opt = make_optimizer(tiny_model().parameters(), cfg)
+    rounds = []
+    for _ in range(2):
+        sched = make_scheduler(opt, cfg, total_steps=10)
+        lrs = []
+        for _ in range(10):
+            opt.step()
+            sched.step()
+            lrs.append(opt.param_groups[0]["lr"])
+        rounds.append(lrs)
+    assert rounds[1] == pytest.approx(rounds[0])
+    assert max(rounds[1]) > 0.05
+
 
 def test_autocast_runs_bf16_where_the_cpu_has_it_and_float32_elsewhere(monkeypatch, capsys) -> None:
     from antidoor import precision

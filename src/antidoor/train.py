@@ -25,6 +25,9 @@ from antidoor.utils import generator_for, progress_bar
 BatchHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
+Schedule = Literal["cosine", "onecycle", "linear", "constant"]
+
+
 class TrainConfig(BaseModel):
     """Optimiser, schedule and data-pipeline settings (BackdoorBench's CIFAR-10 recipe by default)."""
 
@@ -36,7 +39,7 @@ class TrainConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD only)")
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "onecycle", "linear", "constant"] = Field(
+    schedule: Schedule = Field(
         "cosine", description="stepped per batch; linear: warm-up from 0 over `warmup` of the steps, then down to 0")
     warmup: float = Field(0.0, ge=0, lt=1, description="share of the steps spent warming up (schedule linear)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (poisoned labels included)")
@@ -56,6 +59,10 @@ def make_optimizer(params: list[nn.Parameter] | Iterator[nn.Parameter], cfg: Tra
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     total_steps = max(1, total_steps)
+    for group in optimizer.param_groups:
+        # An optimiser reused across calls (a defense's rounds) starts each call at its base rate: a cosine
+        # schedule reads the current rate as its start and would otherwise begin where the last one ended, at 0.
+        group["lr"] = group.get("initial_lr", group["lr"])
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     if cfg.schedule == "onecycle":

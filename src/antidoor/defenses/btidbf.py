@@ -83,7 +83,7 @@ from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParam
 from antidoor.defenses.tuning import LossFn, tune
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
-from antidoor.train import TrainConfig, batches, make_optimizer, prepare_model, steps_per_epoch
+from antidoor.train import Schedule, TrainConfig, batches, make_optimizer, prepare_model, steps_per_epoch
 from antidoor.utils import generator_for, info, progress_bar
 
 
@@ -106,6 +106,8 @@ class BTIDBFParams(DefenseParams):
     lr: float = Field(1e-4, gt=0, description="unlearning learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (Adam: beta1)")
     weight_decay: float = Field(0.0, ge=0)
+    schedule: Schedule = Field("constant", description="unlearning learning-rate schedule, restarted every round "
+                                                        "(official: constant)")
     generated_ratio: float = Field(0.2, gt=0, le=1, description="share of each unlearning batch replaced by G(x) (true labels)")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature MSE between x and the mixed batch")
     augment: bool = Field(True, description="crop/flip the clean images in every phase")
@@ -285,7 +287,7 @@ class BTIDBF(Defense):
     def unlearning_config(self) -> TrainConfig:
         p = self.params
         return TrainConfig(epochs=p.epochs, batch_size=p.batch_size, optimizer=p.optimizer, lr=p.lr, momentum=p.momentum,
-                           weight_decay=p.weight_decay, schedule="constant", augment=p.augment, drop_last=False, amp=p.amp)
+                           weight_decay=p.weight_decay, schedule=p.schedule, augment=p.augment, drop_last=False, amp=p.amp)
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
