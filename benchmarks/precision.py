@@ -11,11 +11,15 @@ Two parts, each resumable (a run whose JSON exists under ``--out-dir`` is skippe
 * ``sau``: SAU's precision alone. One BadNets model per seed (the demo's recipe, bf16), then the demo's
   SAU on that same model once in bf16 and once in float32, both measured in float32: a paired
   comparison that training's precision cannot confound.
+* ``pam``: PAM's precision alone, the same way. One BadNets model per seed in ``pam_study.yaml``'s setting
+  (small_cnn width 16, 20 epochs, the bundled ``cifar10-mini``, bf16 or ``--trained-in fp32``), then that study's ``pam`` on the same
+  model once in bf16 and once in float32, and RA at its defaults on both purified models in float32.
 * ``demo``: ``antidoor demo`` end to end, in a subprocess, bf16 and float32 alternately (``--repeats``
   times each): wall seconds and its table.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part train --out-dir benchmarks/results/precision
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/precision.py --part sau --seeds 0 1 2 3 --out-dir benchmarks/results/precision
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/precision.py --part pam --out-dir benchmarks/results/precision
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/precision.py --part demo --out-dir benchmarks/results/precision
     .venv/bin/python benchmarks/precision.py --table --out-dir benchmarks/results/precision
 
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from _common import device_name, with_cpu_share
 from antidoor.config import AttackRunConfig, build_config
@@ -42,6 +47,7 @@ from antidoor.defenses import purify
 from antidoor.demo import DEMO_DEFAULTS
 from antidoor.pipeline import Scenario, train_attack
 from antidoor.precision import amp_active
+from antidoor.stress import StressConfig, run_stress
 from antidoor.utils import atomic_write_json
 
 PRECISIONS = {"bf16": "", "fp32": "off"}  # -> ANTIDOOR_AMP
@@ -89,6 +95,36 @@ def sau_pair(seed: int) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         set_precision("fp32")  # both purified models measured the same way
         row[prec] = {**scenario.evaluator(purified), "seconds": round(seconds, 2), "cpu_share": round(share, 3)}
+    return row
+
+
+PAM_STUDY = yaml.safe_load((Path(__file__).parent / "pam_study.yaml").read_text())
+
+
+def pam_pair(seed: int, trained_in: str = "bf16") -> dict[str, Any]:
+    set_precision(trained_in)
+    study = PAM_STUDY
+    model, attack = study["models"][0], study["attacks"][0]
+    overrides = [f"model.{k}={v}" for k, v in model.items()] + [f"attack.{k}={v}" for k, v in attack.items()]
+    cfg = build_config(AttackRunConfig, overrides=[*overrides, f"seed={seed}", "device=cpu"],
+                       base={"data": {"name": "cifar10-mini"}, "train": study["train"]})
+    scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
+    result = train_attack(cfg, scenario, description=f"badnets s{seed} ({trained_in})")
+    settings = next(d for d in study["defenses"] if d["name"] == "pam")
+    params = {k: v for k, v in settings.items() if k != "name"}
+    row: dict[str, Any] = {"attack": attack["name"], "seed": seed, "trained_in": trained_in, "settings": settings}
+    purified = {}
+    for prec in PRECISIONS:
+        set_precision(prec)
+        t0 = time.perf_counter()
+        purified[prec], share = with_cpu_share(lambda: purify(result.model, scenario.defender_data(), "pam", seed=seed, **params))
+        row[prec] = {"seconds": round(time.perf_counter() - t0, 2), "cpu_share": round(share, 3)}
+    set_precision("fp32")  # both purified models measured and attacked the same way
+    stress = run_stress(purified, result.model, None, scenario, StressConfig(qra=None, path=None, ep=False), seed=seed)
+    row["backdoored"] = scenario.evaluator(result.model)
+    for prec, m in purified.items():
+        row[prec].update(scenario.evaluator(m))
+        row[prec]["ra"] = stress.models[prec].row()
     return row
 
 
@@ -156,9 +192,10 @@ def table(out_dir: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["train", "sau", "demo"])
+    p.add_argument("--part", choices=["train", "sau", "pam", "demo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    p.add_argument("--trained-in", choices=list(PRECISIONS), default="bf16", help="--part pam: the backdoored model's precision")
     p.add_argument("--repeats", type=int, default=1, help="demo runs of each precision, alternating")
     p.add_argument("--out-dir", type=Path, required=True)
     p.add_argument("--table", action="store_true", help="print the markdown tables of what --out-dir holds")
@@ -179,6 +216,13 @@ def main() -> None:
             if not path.exists():
                 atomic_write_json(path, {**sau_pair(seed), "machine": machine})
                 print(path.read_text()[:600], flush=True)
+    elif args.part == "pam":
+        for seed in args.seeds:
+            suffix = "" if args.trained_in == "bf16" else f"-trained-{args.trained_in}"
+            path = args.out_dir / f"pam-badnets-s{seed}{suffix}.json"
+            if not path.exists():
+                atomic_write_json(path, {**pam_pair(seed, args.trained_in), "machine": machine})
+                print(path.read_text()[:800], flush=True)
     elif args.part == "demo":
         for i in range(args.repeats):
             for prec in PRECISIONS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from dataclasses import fields
 
@@ -239,6 +240,13 @@ def test_cli_purify_round_trip_and_bad_input(saved_run, run_cli, tmp_path):
     ckpt = load_checkpoint(out / "model.safetensors")
     assert ckpt.meta["defense"]["name"] == "ft" and ckpt.meta["defense"]["epochs"] == 1
     assert "der" in ckpt.meta["metrics"] and ckpt.attack is not None and ckpt.splits is not None
+    # the defender's validation accuracy is reported beside the test metrics, on the defender's own images
+    from antidoor.pipeline import Scenario
+
+    written = json.loads((out / "metrics.json").read_text())
+    defender_data = Scenario.from_checkpoint(ckpt, device="cpu").defender_data()
+    assert written["after"]["val_clean_acc"] == pytest.approx(defender_data.val_accuracy(ckpt.model.cpu()), abs=1e-6)
+    assert 0 < written["before"]["val_clean_acc"] <= 1
 
     for args, needle in [
         (["--defense", "nope"], "unknown defense 'nope'"),

@@ -204,9 +204,12 @@ def purify(
     params = {k: v for k, v in cfg.defense.items() if k != "name"}
     defender = scenario.defender_data(oracle=DEFENSES.get(name).needs_poisoned)
     before = scenario.evaluator(ckpt.model.to(scenario.device))
+    # the defender's own validation accuracy beside the test metrics: what a user may compare settings by
+    before["val_clean_acc"] = defender.val_accuracy(ckpt.model)
     chosen: dict[str, float] = {}
     purified = run_defense(ckpt.model, defender, name, seed=cfg.seed, chosen=chosen, **params)
     after = scenario.evaluator(purified)
+    after["val_clean_acc"] = defender.val_accuracy(purified)
     if "asr" in before:
         after["der"] = der(before, after)
     # the sidecar's own fields (arch, attack, versions, ...) are rewritten by save_checkpoint
@@ -217,7 +220,7 @@ def purify(
     atomic_write_json(out / "metrics.json",
                       {"before": before, "after": after, "defense": meta["defense"], "parent": str(checkpoint)})
     console.print(_metrics_table(f"{name} on {checkpoint.name}", [{"model": "before", **before}, {"model": name, **after}],
-                                 ["model", "clean_acc", "asr", "robust_acc", "der"]))
+                                 ["model", "clean_acc", "asr", "robust_acc", "der", "val_clean_acc"]))
     if chosen:
         console.print(f"chosen on the defender's validation data: {', '.join(f'{k} {v:g}' for k, v in chosen.items())}")
     console.print(f"wrote {out / 'model.safetensors'} (+ model.json, metrics.json)")
