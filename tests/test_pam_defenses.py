@@ -17,7 +17,7 @@ from antidoor.errors import AntidoorError
 TINY = {"rounds": 1, "batch_size": 40, "generator_width": 4, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1,
         "epochs": 1}
 # pam's recipe written out for bti-dbf: the same run except for the PAM wrapper
-PAM_AS_BTI = {**TINY, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "feature_weight": 0.0}
+PAM_AS_BTI = {**TINY, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "feature_weight": 0.0, "schedule": "cosine"}
 NEW = {"bti-dbf": TINY, "pam": TINY, "ft-pam": {"epochs": 1, "batch_size": 40},
        "sau-pam": {"rounds": 1, "batch_size": 40, "lr": 1e-3}}
 
@@ -58,6 +58,8 @@ def test_pam_with_rho_zero_is_bti_dbf_with_the_same_optimiser(badnets_run, defen
     bti = purify(badnets_run.result.model, defender, "bti-dbf", seed=2, **params)
     assert _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, **params), bti)
     assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.5, **params), bti)
+    constant = {**params, "schedule": "constant"}  # the schedule reaches the fine-tuning
+    assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, **constant), bti)
 
 
 def test_sau_pam_with_rho_zero_matches_sau(badnets_run, defender):
@@ -149,11 +151,13 @@ def test_bad_parameters_name_the_parameter(name, params, key):
 def test_pam_defaults_are_the_official_recipe_with_momentum_09():
     spec = validate_defense_spec({"name": "pam"})
     assert {k: spec[k] for k in ("rho", "lr", "batch_size", "epochs", "rounds", "momentum", "optimizer", "feature_weight",
-                                  "generated_ratio")} == {"rho": "auto", "lr": 0.01, "batch_size": 128, "epochs": 30, "rounds": 3,
-                                                          "momentum": 0.9, "optimizer": "sgd", "feature_weight": 0.0,
-                                                          "generated_ratio": 0.2}
+                                  "generated_ratio", "schedule")} == {"rho": "auto", "lr": 0.01, "batch_size": 128, "epochs": 30,
+                                                                      "rounds": 3, "momentum": 0.9, "optimizer": "sgd",
+                                                                      "feature_weight": 0.0, "generated_ratio": 0.2,
+                                                                      "schedule": "cosine"}  # official: constant (docstring)
     bti = validate_defense_spec({"name": "bti-dbf"})
-    assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"]) == ("adam", 1e-4, 5, 32)
+    assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"], bti["schedule"]) == \
+        ("adam", 1e-4, 5, 32, "constant")
 
 
 def test_default_rho_is_auto_for_every_pam_defense():
