@@ -12,8 +12,9 @@ Two parts, each resumable (a run whose JSON exists under ``--out-dir`` is skippe
   SAU on that same model once in bf16 and once in float32, both measured in float32: a paired
   comparison that training's precision cannot confound.
 * ``pam``: PAM's precision alone, the same way. One BadNets model per seed in ``pam_study.yaml``'s setting
-  (small_cnn width 16, 20 epochs, the bundled ``cifar10-mini``, bf16 or ``--trained-in fp32``), then that study's ``pam`` on the same
-  model once in bf16 and once in float32, and RA at its defaults on both purified models in float32.
+  (small_cnn width 16, 20 epochs, the bundled ``cifar10-mini``; trained in bf16, or ``--trained-in fp32``),
+  then that study's ``pam`` (at the current defaults otherwise, recorded) on the same model once in bf16
+  and once in float32, and RA at its defaults on both purified models in float32.
 * ``demo``: ``antidoor demo`` end to end, in a subprocess, bf16 and float32 alternately (``--repeats``
   times each): wall seconds and its table.
 
@@ -44,6 +45,7 @@ import yaml
 from _common import device_name, with_cpu_share
 from antidoor.config import AttackRunConfig, build_config
 from antidoor.defenses import purify
+from antidoor.defenses.base import validate_defense_spec
 from antidoor.demo import DEMO_DEFAULTS
 from antidoor.pipeline import Scenario, train_attack
 from antidoor.precision import amp_active
@@ -110,7 +112,7 @@ def pam_pair(seed: int, trained_in: str = "bf16") -> dict[str, Any]:
                        base={"data": {"name": "cifar10-mini"}, "train": study["train"]})
     scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     result = train_attack(cfg, scenario, description=f"badnets s{seed} ({trained_in})")
-    settings = next(d for d in study["defenses"] if d["name"] == "pam")
+    settings = validate_defense_spec(next(d for d in study["defenses"] if d["name"] == "pam"))  # every default, as run
     params = {k: v for k, v in settings.items() if k != "name"}
     row: dict[str, Any] = {"attack": attack["name"], "seed": seed, "trained_in": trained_in, "settings": settings}
     purified = {}
