@@ -104,12 +104,7 @@ def test_optimizer_gets_every_setting() -> None:
 def test_schedules(schedule: str) -> None:
     cfg = TrainConfig(lr=0.1, schedule=schedule, warmup=0.2)
     opt = make_optimizer(tiny_model().parameters(), cfg)
-    sched = make_scheduler(opt, cfg, total_steps=20)
-    lrs = []
-    for _ in range(20):
-        opt.step()
-        sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
+    lrs = _rates(opt, cfg, 20)
     if schedule == "constant":
         assert lrs == [0.1] * 20
     elif schedule == "cosine":
@@ -117,21 +112,25 @@ def test_schedules(schedule: str) -> None:
     else:
         assert max(lrs) == pytest.approx(0.1, rel=0.05) and lrs[-1] < 0.01 and lrs.index(max(lrs)) > 0
 
+
+def _rates(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> list[float]:
+    """The learning rate after each of ``steps`` steps of a fresh schedule of ``cfg`` on ``opt``."""
+    sched = make_scheduler(opt, cfg, total_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle", "linear", "constant"])
 def test_an_optimizer_reused_by_a_second_schedule_restarts_at_its_base_rate(schedule: str) -> None:
     # BTI-DBF and PAM keep one optimiser across rounds and build a schedule per round: round 2 must not
     # start where round 1's cosine ended (lr 0), which is what CosineAnnealingLR does with a reused optimiser
     cfg = TrainConfig(lr=0.1, schedule=schedule, warmup=0.2)
     opt = make_optimizer(tiny_model().parameters(), cfg)
-    rounds = []
-    for _ in range(2):
-        sched = make_scheduler(opt, cfg, total_steps=10)
-        lrs = []
-        for _ in range(10):
-            opt.step()
-            sched.step()
-            lrs.append(opt.param_groups[0]["lr"])
-        rounds.append(lrs)
+    rounds = [_rates(opt, cfg, 10) for _ in range(2)]
     assert rounds[1] == pytest.approx(rounds[0])
     assert max(rounds[1]) > 0.05
 
