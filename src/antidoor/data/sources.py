@@ -8,6 +8,7 @@ folder laid out as ``train/<class>/*`` and ``test/<class>/*``, or a torchvision 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -178,7 +179,7 @@ def load_bundled(name: str, cache_root: Path | None = None) -> ImageData:
     ``cache_root/bundled/`` (a plain ``.npz`` named by the bundle's hash) and read from there next time;
     where that folder cannot be written, every load decodes.
     """
-    digest = _sha256(BUNDLE)
+    digest = _bundle_digest()
     x_train, x_test = _decoded_bundle(digest, cache_root)
     with np.load(BUNDLE, allow_pickle=False) as f:
         y_train, y_test, classes = f["y_train"], f["y_test"], [str(c) for c in f["classes"]]
@@ -220,6 +221,12 @@ def _decoded_bundle(digest: str, cache_root: Path | None) -> tuple[np.ndarray, n
                 pass  # an unwritable cache only costs the decoding next time
     _DECODED[digest] = arrays
     return arrays
+
+
+@functools.cache
+def _bundle_digest() -> str:
+    """The bundle ships inside the package and does not change while a process runs: hashed once."""
+    return _sha256(BUNDLE)
 
 
 def _sha256(path: Path) -> str:
