@@ -79,54 +79,52 @@ def train_run(attack: str, seed: int, precision: str) -> dict[str, Any]:
     return row
 
 
-def sau_pair(seed: int) -> dict[str, Any]:
-    set_precision("bf16")
-    base = {k: DEMO_DEFAULTS[k] for k in ("data", "model", "train")}
-    cfg = build_config(AttackRunConfig, overrides=["attack.name=badnets", "attack.pratio=0.1", "attack.target=0",
-                                                   f"seed={seed}", "device=cpu"], base=base)
+def backdoored_model(seed: int, base: dict[str, Any], overrides: list[str], trained_in: str) -> tuple[Scenario, Any]:
+    """A BadNets-style model trained in ``trained_in`` precision, with the scenario it was trained in."""
+    set_precision(trained_in)
+    cfg = build_config(AttackRunConfig, overrides=[*overrides, f"seed={seed}", "device=cpu"], base=base)
     scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
-    result = train_attack(cfg, scenario, description=f"badnets s{seed} (bf16)")
+    return scenario, train_attack(cfg, scenario, description=f"{cfg.attack['name']} s{seed} ({trained_in})")
+
+
+def purify_in_each_precision(model: torch.nn.Module, scenario: Scenario, defense: dict[str, Any],
+                             seed: int) -> tuple[dict[str, torch.nn.Module], dict[str, dict[str, Any]]]:
+    """The same defense on the same model once per precision: the purified models and each run's seconds and CPU share."""
+    name, params = defense["name"], {k: v for k, v in defense.items() if k != "name"}
+    purified, timing = {}, {}
+    for prec in PRECISIONS:
+        set_precision(prec)
+        t0 = time.perf_counter()
+        purified[prec], share = with_cpu_share(lambda: purify(model, scenario.defender_data(), name, seed=seed, **params))
+        timing[prec] = {"seconds": round(time.perf_counter() - t0, 2), "cpu_share": round(share, 3)}
+    set_precision("fp32")  # whatever follows measures every purified model the same way
+    return purified, timing
+
+
+def sau_pair(seed: int) -> dict[str, Any]:
+    base = {k: DEMO_DEFAULTS[k] for k in ("data", "model", "train")}
+    scenario, result = backdoored_model(seed, base, ["attack.name=badnets", "attack.pratio=0.1", "attack.target=0"], "bf16")
     set_precision("fp32")
     row: dict[str, Any] = {"attack": "badnets", "seed": seed, "trained_in": "bf16",
                            "backdoored": scenario.evaluator(result.model), "settings": SAU}
-    params = {k: v for k, v in SAU.items() if k != "name"}
-    for prec in PRECISIONS:
-        set_precision(prec)
-        t0 = time.perf_counter()
-        purified, share = with_cpu_share(lambda: purify(result.model, scenario.defender_data(), "sau", seed=seed, **params))
-        seconds = time.perf_counter() - t0
-        set_precision("fp32")  # both purified models measured the same way
-        row[prec] = {**scenario.evaluator(purified), "seconds": round(seconds, 2), "cpu_share": round(share, 3)}
+    purified, timing = purify_in_each_precision(result.model, scenario, SAU, seed)
+    for prec, m in purified.items():
+        row[prec] = {**scenario.evaluator(m), **timing[prec]}
     return row
 
 
-PAM_STUDY = yaml.safe_load((Path(__file__).parent / "pam_study.yaml").read_text())
-
-
 def pam_pair(seed: int, trained_in: str = "bf16") -> dict[str, Any]:
-    set_precision(trained_in)
-    study = PAM_STUDY
+    study = yaml.safe_load((Path(__file__).parent / "pam_study.yaml").read_text())
     model, attack = study["models"][0], study["attacks"][0]
     overrides = [f"model.{k}={v}" for k, v in model.items()] + [f"attack.{k}={v}" for k, v in attack.items()]
-    cfg = build_config(AttackRunConfig, overrides=[*overrides, f"seed={seed}", "device=cpu"],
-                       base={"data": {"name": "cifar10-mini"}, "train": study["train"]})
-    scenario = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
-    result = train_attack(cfg, scenario, description=f"badnets s{seed} ({trained_in})")
+    scenario, result = backdoored_model(seed, {"data": {"name": "cifar10-mini"}, "train": study["train"]}, overrides, trained_in)
     settings = validate_defense_spec(next(d for d in study["defenses"] if d["name"] == "pam"))  # every default, as run
-    params = {k: v for k, v in settings.items() if k != "name"}
     row: dict[str, Any] = {"attack": attack["name"], "seed": seed, "trained_in": trained_in, "settings": settings}
-    purified = {}
-    for prec in PRECISIONS:
-        set_precision(prec)
-        t0 = time.perf_counter()
-        purified[prec], share = with_cpu_share(lambda: purify(result.model, scenario.defender_data(), "pam", seed=seed, **params))
-        row[prec] = {"seconds": round(time.perf_counter() - t0, 2), "cpu_share": round(share, 3)}
-    set_precision("fp32")  # both purified models measured and attacked the same way
+    purified, timing = purify_in_each_precision(result.model, scenario, settings, seed)
     stress = run_stress(purified, result.model, None, scenario, StressConfig(qra=None, path=None, ep=False), seed=seed)
     row["backdoored"] = scenario.evaluator(result.model)
     for prec, m in purified.items():
-        row[prec].update(scenario.evaluator(m))
-        row[prec]["ra"] = stress.models[prec].row()
+        row[prec] = {**timing[prec], **scenario.evaluator(m), "ra": stress.models[prec].row()}
     return row
 
 
