@@ -191,6 +191,57 @@ def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, 
             assert after[key]["attempts"] == 2
 
 
+def test_resume_without_checkpoints_reruns_only_what_a_stage_left_to_run_needs(inline_study: Path, tmp_path: Path) -> None:
+    """A study committed without its checkpoints (store and stress results only) resumes where it stopped."""
+    folder = tmp_path / "bare"
+    shutil.copytree(inline_study, folder)
+    for ckpt in (folder / "artifacts").rglob("*.safetensors"):
+        ckpt.unlink()
+    before = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    done_only = {**TINY, "defenses": TINY["defenses"][:1]}  # without the stage that fails
+    summary = run_grid(load_study(base=done_only), folder, resume=True)
+    assert (summary.reused, summary.done, summary.failed) == (3, 0, 0)
+    # a new defense needs the backdoored model, which needs the clean one (its reference metrics): both run again,
+    # with the same seed and the same numbers; the purification that finished does not
+    extended = {**done_only, "defenses": [*done_only["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}]}
+    summary = run_grid(load_study(base=extended), folder, resume=True)
+    assert (summary.reused, summary.done, summary.failed) == (1, 3, 0)
+    after = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    attempts = {after[k]["stage"]: after[k]["attempts"] for k in before if before[k]["status"] == "done"}
+    assert attempts == {"clean": 2, "attack": 2, "purify": 1}
+    attack_key = next(k for k, r in after.items() if r["stage"] == "attack")
+    measured = [(attack_key, stage, m) for stage in ("attack", "reference") for m in ("clean_acc", "asr")]
+    got, want = scalars(folder), scalars(inline_study)
+    assert [got[k] for k in measured] == [want[k] for k in measured]
+
+
+def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the_same(inline_study: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A stage run again on another CPU (bf16 kernels differ) may not reproduce its recorded results: then the
+    finished stages built on the old checkpoint are stale and run again too. Simulated by a recorded value
+    that the rerun cannot reproduce."""
+    import sqlite3
+
+    folder = tmp_path / "moved"
+    shutil.copytree(inline_study, folder)
+    for ckpt in (folder / "artifacts").rglob("*.safetensors"):
+        ckpt.unlink()
+    with Store(folder / STORE_NAME) as store:
+        attack_id = next(r["id"] for r in store.runs() if r["stage"] == "attack")
+    with sqlite3.connect(folder / STORE_NAME) as db:
+        db.execute("UPDATE metrics SET value = value - 0.01 WHERE run_id = ? AND stage = 'attack' AND name = 'clean_acc' "
+                   "AND step IS NULL", (attack_id,))
+    extended = {**TINY, "defenses": [TINY["defenses"][0], {"name": "ft", "epochs": 1, "batch_size": 16}]}
+    summary = run_grid(load_study(base=extended), folder, resume=True)
+    # clean and attack run again for the new defense; the attack's numbers moved, so the finished FT reruns too
+    assert (summary.reused, summary.done, summary.failed) == (0, 4, 0)
+    with Store(folder / STORE_NAME) as store:
+        attempts = sorted((r["stage"], r["attempts"]) for r in store.runs() if r["status"] == "done")
+    assert attempts == [("attack", 2), ("clean", 2), ("purify", 1), ("purify", 2)]
+    key = next(k for k in scalars(inline_study) if k[1:] == ("attack", "clean_acc"))
+    assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
+
+
 def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="Ray is the optional extra antidoor[ray]; `make test` installs it")
     # address="local": a fresh local Ray even where a cluster from `ray start` runs

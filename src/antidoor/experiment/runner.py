@@ -4,7 +4,9 @@ A stage is submitted as soon as its upstream stages are done, so the purificatio
 (dataset, model, attack, seed) run while other backdoored models still train. A stage whose
 upstream failed is recorded as failed with the reason and is not run; every other job goes on.
 With ``resume`` nothing that finished (status ``done`` and its checkpoint on disk) runs again;
-stages left ``running`` by a killed grid, and failed ones, are run again. One driver per study
+stages left ``running`` by a killed grid, and failed ones, are run again. A finished stage whose
+checkpoint is gone runs again only when a stage still to run needs that checkpoint, so a study's
+store and stress results committed without their checkpoints resume where they stopped. One driver per study
 folder at a time (the workers may be many): :func:`driver_lock`.
 """
 
@@ -113,9 +115,24 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)
     finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
-    for s in stages:
-        if status.get(s.key) == "done" and s.key not in finished:
+    # A stage recorded as done whose checkpoint was deleted (to save disk, or a store copied without its
+    # checkpoints) runs again only if a stage still to run needs that checkpoint; plan() lists upstream
+    # first, so walking it backwards sees every consumer before its upstream stages.
+    needed: set[str] = set()
+    bare: list[Stage] = []
+    for s in reversed(stages):
+        if s.key in finished:
+            continue
+        if status.get(s.key) == "done" and s.key not in needed:
+            finished.add(s.key)
+            bare.append(s)
+            continue
+        if status.get(s.key) == "done":
             warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
+        needed.update(s.deps.values())
+    if bare:
+        info(f"{len(bare)} finished stage(s) without their checkpoint are not rerun: no stage left to run needs them "
+             f"({', '.join(s.describe() for s in bare[:2])}{', ...' if len(bare) > 2 else ''})")
     summary = GridSummary(len(stages), len(finished))
     pending = [s for s in stages if s.key not in finished]
     info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
@@ -125,9 +142,57 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     t0 = time.perf_counter()
     common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
               "git_commit": git_commit()}
-    _schedule(pending, finished, runner, common, store, summary)
+    _schedule(pending, finished, runner, common, store, summary,
+              stale=_stale_checker(stages, {s.key for s in pending if status.get(s.key) == "done"}, finished, store))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+RESULT_METRICS = ("clean_acc", "asr", "robust_acc")  # what a stage run again must reproduce for its consumers to stand
+
+
+def _recorded(store: Store, keys: set[str]) -> dict[str, dict[str, float]]:
+    """Each stage's recorded results (``RESULT_METRICS`` of every metric stage, final values only)."""
+    ids = {r["id"]: r["key"] for r in store.runs() if r["key"] in keys}
+    out: dict[str, dict[str, float]] = {k: {} for k in keys}
+    for run_id, key in ids.items():
+        for m in store.metrics(run_id):
+            if m["step"] is None and m["name"] in RESULT_METRICS:
+                out[key][f"{m['stage']}.{m['name']}"] = m["value"]
+    return out
+
+
+def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], store: Store) -> Callable[[Stage], list[Stage]]:
+    """For a finished stage run again (its checkpoint was gone): when it does not reproduce its recorded
+    results (another CPU's kernels, changed code), the finished stages built on the old checkpoint are
+    stale; they are returned, in plan order, to run again. Same machine and code: same numbers, nothing."""
+    recorded = _recorded(store, reruns)
+    consumers: dict[str, list[Stage]] = {}
+    for s in stages:
+        for k in s.deps.values():
+            consumers.setdefault(k, []).append(s)
+
+    def stale(stage: Stage) -> list[Stage]:
+        if stage.key not in recorded:
+            return []
+        old, now = recorded.pop(stage.key), _recorded(store, {stage.key})[stage.key]
+        if now == old:
+            return []
+        seen: set[str] = set()
+        todo = [stage.key]
+        while todo:
+            for c in consumers.get(todo.pop(), []):
+                if c.key not in seen:
+                    seen.add(c.key)
+                    todo.append(c.key)
+        downstream = [s for s in stages if s.key in seen and s.key in finished]
+        changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
+        warn(f"{stage.describe()} ran again and did not reproduce its recorded results "
+             f"({'; '.join(changed[:3]) or 'metrics differ'}): {len(downstream)} finished stage(s) built on the old "
+             "checkpoint run again too")
+        return downstream
+
+    return stale
 
 
 def check_job_device(device: str, local: bool) -> None:
@@ -143,7 +208,7 @@ def check_job_device(device: str, local: bool) -> None:
 
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
-              summary: GridSummary) -> None:
+              summary: GridSummary, stale: Callable[[Stage], list[Stage]] = lambda s: []) -> None:
     failed: set[str] = set()
     in_flight: dict[object, Stage] = {}
     total = len(pending)
@@ -170,6 +235,11 @@ def _schedule(pending: list[Stage], finished: set[str], runner: object, common: 
             if result["status"] == "done":
                 finished.add(s.key)
                 summary.done += 1
+                for again in stale(s):
+                    finished.discard(again.key)
+                    pending.append(again)
+                    summary.reused -= 1
+                    total += 1
             else:
                 if result["status"] == "lost":  # the worker died before it could record the failure itself
                     store.record_failure(s.key, s.kind, s.config, s.labels, result["error"])

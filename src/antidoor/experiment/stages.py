@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from antidoor.experiment.store import Artifact, Metric, Store, canonical_json
 from antidoor.experiment.study import StudyConfig, dataset_label, labels_for, model_label
 
@@ -74,6 +76,25 @@ def artifact_path(kind: str, key: str) -> str:
     return f"artifacts/{kind}/{key[:20]}{'.json' if kind == 'stress' else '.safetensors'}"
 
 
+def key_dump(config: BaseModel) -> dict[str, Any]:
+    """A config as it enters stage keys: ``model_dump()`` without the fields a class lists in
+    ``KEY_NEUTRAL_DEFAULTS`` while they hold their default. Such a field was added after studies were
+    stored and, at its default, changes nothing, so those studies' stages keep their keys and resume."""
+
+    def neutral(model: BaseModel) -> dict[str, Any]:
+        fields, skip = type(model).model_fields, getattr(type(model), "KEY_NEUTRAL_DEFAULTS", frozenset())
+        out: dict[str, Any] = {}
+        for name in fields:
+            value = getattr(model, name)
+            if name in skip and value == fields[name].default:
+                out[name] = True
+            elif isinstance(value, BaseModel) and (inner := neutral(value)):
+                out[name] = inner
+        return out
+
+    return config.model_dump(exclude=neutral(config) or None)
+
+
 def plan(study: StudyConfig) -> list[Stage]:
     """Every stage of the study, each once (shared stages deduplicated by key), upstream first."""
     stages: dict[str, Stage] = {}
@@ -82,17 +103,17 @@ def plan(study: StudyConfig) -> list[Stage]:
         stages.setdefault(stage.key, stage)
         return stages[stage.key]
 
-    dumped_data = [d.model_dump() for d in study.datasets]
+    dumped_data = [key_dump(d) for d in study.datasets]
     data_labels = labels_for(dumped_data, dataset_label)
-    model_labels = labels_for([m.model_dump() for m in study.models], model_label)
+    model_labels = labels_for([key_dump(m) for m in study.models], model_label)
     attack_labels = labels_for(study.attacks)
     defense_labels = labels_for(study.defenses)
-    train = study.train.model_dump()
-    stress = study.stress.model_dump() if study.stress is not None else None
+    train = key_dump(study.train)
+    stress = key_dump(study.stress) if study.stress is not None else None
     for data, d_label in zip(dumped_data, data_labels, strict=True):
         for model, m_label in zip(study.models, model_labels, strict=True):
             for seed in study.seeds:
-                base = {"data": data, "model": model.model_dump(), "train": train, "seed": seed}
+                base = {"data": data, "model": key_dump(model), "train": train, "seed": seed}
                 lab = {"dataset": d_label, "model": m_label, "seed": seed}
                 clean = add(Stage("clean", {"stage": "clean", **base}, {**lab, "attack": None, "defense": None}))
                 for attack, a_label in zip(study.attacks, attack_labels, strict=True):
