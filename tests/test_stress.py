@@ -99,7 +99,7 @@ def test_evaluator_subset_is_a_fixed_stratified_draw_of_the_test_split(badnets_r
 
 
 def test_ra_curves_on_a_subset_keep_the_whole_split_numbers(badnets_run):
-    """curve_images changes what the curves are measured on, never o_asr, p_asr or the retuned model."""
+    """curve_images and curves change what is measured per epoch, never o_asr, p_asr or the retuned model."""
     scenario = badnets_run.result.scenario
     data = ra_data_for(scenario, RAConfig())
     model = badnets_run.result.model
@@ -111,6 +111,11 @@ def test_ra_curves_on_a_subset_keep_the_whole_split_numbers(badnets_run):
     sub = scenario.evaluator.subset(300)
     assert len(part.runs[0].asr_curve) == 3 and part.runs[0].asr_curve[0] == sub(model)["asr"]
     assert part.runs[0].asr_curve[-1] == sub(part.retuned[0])["asr"]
+    # without curves: the same retuned model and p_asr, and only the point before RA in the curve
+    bare = retuning_attack(model, data, scenario.evaluator, seeds=[0], epochs=2, curves=False, keep_models=True)
+    assert bare.runs[0].p_asr == full.runs[0].p_asr and bare.runs[0].hits == full.runs[0].hits
+    assert _same(_state(bare.retuned[0]), _state(full.retuned[0]))
+    assert bare.runs[0].asr_curve == [full.before["asr"]] and len(full.runs[0].asr_curve) == 3
 
 
 def test_ra_refuses_bad_parameters(badnets_run):

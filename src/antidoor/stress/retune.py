@@ -36,7 +36,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +55,8 @@ class RAConfig(BaseModel):
     """The retuning attack's set and recipe (methods.md defaults)."""
 
     model_config = ConfigDict(extra="forbid")
+    # added after studies were stored: at its default it leaves their stage keys alone (experiment.stages.key_dump)
+    KEY_NEUTRAL_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"curves"})
     n_total: int = Field(1000, ge=1, description="RA set size cap: clean images used = min(n_total - n_poison, defender's)")
     n_poison: int = Field(5, ge=0, description="poisoned training samples in the set, relabelled to the target")
     epochs: int = Field(5, ge=1)
@@ -67,6 +69,9 @@ class RAConfig(BaseModel):
     data_seed: int = Field(0, ge=0, description="which clean and poisoned images form the set")
     curve_images: int | None = Field(None, ge=10, description="test images (a fixed stratified subset) for the per-epoch "
                                      "asr curves; null: the whole split. o_asr and p_asr always use the whole split")
+    curves: bool = Field(True, description="measure asr and clean_acc after every epoch (the RA curves); false: only "
+                                           "before and after RA (the curves keep only the point before RA): one evaluation "
+                                           "less per epoch and seed")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer="sgd", lr=self.lr, momentum=self.momentum,
@@ -205,9 +210,9 @@ def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, confi
 
         t0 = time.perf_counter()
         train(work, data.x, data.y, train_cfg, seed=seed, hflip=data.hflip, description=f"{description} seed {seed}",
-              on_epoch_end=record)
+              on_epoch_end=record if cfg.curves else None)
         # the final model's numbers, on the whole split
-        final, final_hits = last[0] if curve_eval is evaluator else evaluator.measure(work)
+        final, final_hits = last[0] if curve_eval is evaluator and cfg.curves else evaluator.measure(work)
         runs.append(RARun(seed, final["asr"], final["clean_acc"], final["robust_acc"], asr_curve, acc_curve,
                           round(time.perf_counter() - t0, 2), pack_hits(final_hits)))
         if keep_models:
