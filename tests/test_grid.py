@@ -67,6 +67,21 @@ def inline_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # -- planning ----------------------------------------------------------------------------------------------
 
+def test_a_field_added_at_its_default_leaves_stage_keys_alone() -> None:
+    """RA's ``curves`` came after studies were stored: at its default it is not in the keys, so they resume."""
+    from antidoor.experiment.stages import key_dump
+    from antidoor.stress.settings import ModelStressConfig
+
+    study = {**TINY, "stress": {"ra": {"seeds": [0]}}}
+    keys = [s.key for s in plan(load_study(base=study))]
+    assert keys == [s.key for s in plan(load_study(base={**study, "stress": {"ra": {"seeds": [0], "curves": True}}}))]
+    stages = plan(load_study(base={**study, "stress": {"ra": {"seeds": [0], "curves": False}}}))
+    # set away from its default, it keys the stress stages (2 references, 2 purified models) and nothing else
+    assert sorted(s.kind for s, key in zip(stages, keys, strict=True) if s.key != key) == ["stress"] * 4
+    dumped = key_dump(ModelStressConfig(ra={"curves": True}))
+    assert "curves" not in dumped["ra"] and ModelStressConfig(**dumped) == ModelStressConfig()
+
+
 def test_plan_shares_stages_and_keys_follow_the_config() -> None:
     study = {**TINY, "attacks": [{"name": "badnets"}, {"name": "blended"}],
              "defenses": [{"name": "ft"}, {"name": "sau"}], "seeds": [0, 1]}
@@ -220,8 +235,6 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     """A stage run again on another CPU (bf16 kernels differ) may not reproduce its recorded results: then the
     finished stages built on the old checkpoint are stale and run again too. Simulated by a recorded value
     that the rerun cannot reproduce."""
-    import sqlite3
-
     folder = tmp_path / "moved"
     shutil.copytree(inline_study, folder)
     for ckpt in (folder / "artifacts").rglob("*.safetensors"):
