@@ -259,22 +259,23 @@ def test_cli_purify_round_trip_and_bad_input(saved_run, run_cli, tmp_path):
 
 
 def test_demo_runs_end_to_end_with_small_settings(run_cli, tmp_path):
-    """The demo's whole pipeline (train clean + BadNets, purify with FT and SAU, write results) on bundled data."""
+    """The demo's whole pipeline (train BadNets and the clean reference, purify with FT, SAU and EP, RA, write results)
+    on bundled data. The README's example test runs it without the clean reference (its default)."""
     import json
 
     res = run_cli("demo", "--set", "train.epochs=1", "--set", "model.width=8",
                   "--set", "defenses=[{name: ft, epochs: 1}, {name: sau, rounds: 1, batch_size: 100}, {name: ep, epochs: 1}]",
-                  "--set", "ra.seeds=[0]", "--set", "ra.epochs=1", "--out", tmp_path, "--quiet")
+                  "--set", "ra.seeds=[0]", "--set", "ra.epochs=1", "--set", "clean_reference=true", "--out", tmp_path, "--quiet")
     assert res.returncode == 0, res.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["model"] for r in results["training"]] == ["clean", "badnets"]
     assert [r["model"] for r in results["purification"]] == ["badnets (no defense)", "ft", "sau", "ep"]
-    # the superficial-safety table: asr before (o_asr) and after (p_asr) the retuning attack, references included
+    # the superficial-safety table: asr before (o_asr) and after (p_asr) the retuning attack, the clean reference included
     ra = results["superficial_safety"]
-    assert [r["model"] for r in ra] == ["ft", "sau", "ep", "clean", "badnets"]
+    assert [r["model"] for r in ra] == ["ft", "sau", "ep", "clean"]
     by_model = {r["model"]: r for r in results["purification"]}
     assert all(r["o_asr"] == pytest.approx(by_model[r["model"]]["asr"]) for r in ra[:3])
-    assert all(0 <= r["p_asr"] <= 1 and r["p_asr_std"] == 0 for r in ra)
+    assert all(0 <= r["p_asr"] <= 1 and r["p_asr_std"] == 0 and r["seconds"] > 0 for r in ra)
     assert all(0 <= r["der"] <= 1 for r in results["purification"][1:])
     for name in ("clean", "badnets", "badnets-ft", "badnets-sau", "badnets-ep"):
         assert (tmp_path / f"{name}.safetensors").is_file() and (tmp_path / f"{name}.json").is_file()

@@ -59,6 +59,8 @@ def main() -> None:
     te = np.load(Path(args.shared) / "cifar10-test.npz")
     i_tr = balanced(tr["y_train"], args.train_per_class, rng)
     i_te = balanced(te["y_test"], args.test_per_class, rng)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.npz:
         out = Path(args.out or "cifar10-subset.npz")
         np.savez_compressed(out, x_train=tr["x_train"][i_tr], y_train=tr["y_train"][i_tr],

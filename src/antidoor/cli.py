@@ -237,10 +237,10 @@ def demo(
     preset: list[str] = PresetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """The main job on the bundled mini CIFAR-10, offline: train a clean and a BadNets model, purify with FT, SAU and EP,
-    then the superficial-safety table (asr before and after the retuning attack).
+    """The main job on the bundled CIFAR-10 (cifar10-10k), offline: train a BadNets model, purify it with FT, SAU and
+    EP, then the superficial-safety table (asr before and after the retuning attack).
 
-    Example: antidoor demo --out runs/demo
+    Example: antidoor demo --out runs/demo   (--set clean_reference=true adds a clean model as a reference)
     """
     from antidoor.demo import run_demo
 

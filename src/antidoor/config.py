@@ -178,7 +178,10 @@ class DemoConfig(AttackRunConfig):
     """``antidoor demo``: an attack run plus the defenses applied to its backdoored model."""
 
     defenses: list[DefenseSpec] = Field(default_factory=list)
-    ra: RAConfig | None = Field(None, description="retuning attack on every purified model and the references; null: none")
+    ra: RAConfig | None = Field(None, description="retuning attack on every purified model (and the clean reference); "
+                                "null: none")
+    clean_reference: bool = Field(False, description="also train a clean model with the same data, seed and recipe, and "
+                                  "retune it too: one more training run")
 
 
 class PurifyConfig(BaseModel):
