@@ -1,0 +1,87 @@
+"""Does bf16 autocast pay on this CPU? One training step, float32 against bf16, in one process.
+
+``antidoor.precision`` turns bf16 autocast on wherever the CPU has native bf16 arithmetic (AMX or
+AVX512-BF16). This times the bare training step (forward, cross-entropy, backward, SGD step; no data
+pipeline) of the models the presets use, on the same batch and initial weights, float32 and bf16
+interleaved (``--repeats`` rounds of each, after warm-up steps), and reports the median ms per step
+and the ratio bf16 / float32 (below 1: bf16 is faster). Synthetic inputs: only the speed is measured.
+Each round also records its CPU share; a round under ``--min-cpu-share`` ran beside other work.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bf16_step.py --out benchmarks/results/bf16_step_cpu_amd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from _common import device_name, with_cpu_share
+from antidoor.models import build_model
+from antidoor.precision import cpu_has_fast_bf16
+
+# (model, width, batch): the demo's model, the fast preset's, the paper preset's family at a CPU width
+CASES = [("whitened_cnn", 32, 256), ("whitened_cnn", 64, 512), ("preact_resnet18", 16, 128)]
+
+
+def step_ms(name: str, width: int, batch: int, bf16: bool, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, width=width).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each round")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of each precision, interleaved")
+    p.add_argument("--min-cpu-share", type=float, default=0.9)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    results = []
+    for name, width, batch in CASES:
+        times: dict[str, list[float]] = {"float32": [], "bf16": []}
+        shares = []
+        for _ in range(args.repeats):
+            for label, bf16 in (("float32", False), ("bf16", True)):
+                run = functools.partial(step_ms, name, width, batch, bf16, args.steps, args.warmup)
+                ms, share = with_cpu_share(run)
+                times[label].append(round(ms, 1))
+                shares.append(round(share, 3))
+        f32, b16 = statistics.median(times["float32"]), statistics.median(times["bf16"])
+        row = {"model": name, "width": width, "batch": batch, "float32_ms": f32, "bf16_ms": b16,
+               "bf16_over_float32": round(b16 / f32, 3), "rounds_ms": times, "cpu_share": shares,
+               "shared_machine": min(shares) < args.min_cpu_share}
+        results.append(row)
+        print(f"{name} w{width} batch {batch}: float32 {f32:.0f} ms/step, bf16 {b16:.0f} ms/step, "
+              f"bf16/float32 {b16 / f32:.2f}{'  (shared machine)' if row['shared_machine'] else ''}", flush=True)
+    report = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
+              "fast_bf16_detected": cpu_has_fast_bf16(), "torch": torch.__version__, "cases": results}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
