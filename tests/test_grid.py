@@ -255,6 +255,30 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
 
 
+def test_a_stop_file_ends_the_grid_after_the_stage_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``touch FOLDER/STOP`` during a run: the stage in flight is recorded, nothing new starts, --resume goes on."""
+    from antidoor.experiment import backends
+    from antidoor.experiment.runner import STOP_NAME
+
+    folder, ran = tmp_path / "stopped", []
+    real = backends.execute
+
+    def execute_then_stop(job):  # the user touches STOP while the first stage runs
+        ran.append(job.stage.kind)
+        (folder / STOP_NAME).touch()
+        return real(job)
+
+    monkeypatch.setattr(backends, "execute", execute_then_stop)
+    study = load_study(base={**TINY, "defenses": TINY["defenses"][:1]})
+    summary = run_grid(study, folder)
+    assert (summary.done, summary.failed, summary.left, ran) == (1, 0, 2, ["clean"])
+    with Store(folder / STORE_NAME) as store:
+        assert [(r["stage"], r["status"]) for r in store.runs()] == [("clean", "done")]
+    monkeypatch.setattr(backends, "execute", real)
+    summary = run_grid(study, folder, resume=True)  # the old STOP file does not stop the new run
+    assert (summary.reused, summary.done, summary.left) == (1, 2, 0) and not (folder / STOP_NAME).exists()
+
+
 def test_ray_backend_gives_the_same_metrics(inline_study: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray", reason="Ray is the optional extra antidoor[ray]; `make test` installs it")
     # address="local": a fresh local Ray even where a cluster from `ray start` runs

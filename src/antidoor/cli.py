@@ -462,6 +462,8 @@ def grid(
     """Run a study: every (dataset, model, attack, defense, seed), shared stages computed once, into a SQLite store.
 
     Example: antidoor grid study.yaml --out runs/study   (then: antidoor grid --resume --out runs/study)
+
+    To stop a long study cleanly: touch runs/study/STOP (the stages in flight finish and are recorded).
     """
     from rich.markup import escape
 
@@ -483,11 +485,13 @@ def grid(
         cfg = cfg.model_copy(update={"device": device})
     folder = out or Path("runs") / study_folder_name(cfg.name)
     summary = run_grid(cfg, folder, backend=backend, workers=workers, address=address, resume=resume)
-    console.print(f"{summary.stages} stages: {summary.reused} reused, {summary.done} run, {summary.failed} failed "
+    left = f", {summary.left} left (stopped; --resume goes on)" if summary.left else ""
+    console.print(f"{summary.stages} stages: {summary.reused} reused, {summary.done} run, {summary.failed} failed{left} "
                   f"({summary.seconds:.1f} s); store {folder / STORE_NAME}")
     for f in summary.failures:
         console.print(f"[red]failed:[/red] {escape(f)}", highlight=False, soft_wrap=True)
-    print_json_line({"stages": summary.stages, "reused": summary.reused, "done": summary.done, "failed": summary.failed})
+    print_json_line({"stages": summary.stages, "reused": summary.reused, "done": summary.done, "failed": summary.failed,
+                     "left": summary.left})
     if summary.failed:  # a study with failed stages is not a success, whatever was recorded
         raise typer.Exit(1)
 

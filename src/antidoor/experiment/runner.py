@@ -7,7 +7,8 @@ With ``resume`` nothing that finished (status ``done`` and its checkpoint on dis
 stages left ``running`` by a killed grid, and failed ones, are run again. A finished stage whose
 checkpoint is gone runs again only when a stage still to run needs that checkpoint, so a study's
 store and stress results committed without their checkpoints resume where they stopped. One driver per study
-folder at a time (the workers may be many): :func:`driver_lock`.
+folder at a time (the workers may be many): :func:`driver_lock`. ``touch FOLDER/STOP`` during a run ends it
+gracefully: the stages in flight finish and are recorded, no new one starts, and ``--resume`` goes on.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class GridSummary:
     reused: int
     done: int = 0
     failed: int = 0
+    left: int = 0  # stages not run because a stop was asked for (STOP_NAME); --resume runs them
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
 
@@ -57,6 +59,7 @@ def git_commit() -> str | None:
 
 
 LOCK_NAME = ".grid.lock"
+STOP_NAME = "STOP"  # touch it in a study folder to end the running grid after the stages in flight
 
 
 @contextlib.contextmanager
@@ -112,6 +115,8 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
         raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
                             "or choose another --out")
     store.set_meta("study", study.model_dump())
+    if (out / STOP_NAME).exists():  # left by an earlier stop (we hold the lock): this run starts afresh
+        (out / STOP_NAME).unlink()
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)
     finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
@@ -142,7 +147,7 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     t0 = time.perf_counter()
     common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
               "git_commit": git_commit()}
-    _schedule(pending, finished, runner, common, store, summary,
+    _schedule(pending, finished, runner, common, store, summary, stop_file=out / STOP_NAME,
               stale=_stale_checker(stages, {s.key for s in pending if status.get(s.key) == "done"}, finished, store))
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -208,11 +213,20 @@ def check_job_device(device: str, local: bool) -> None:
 
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
-              summary: GridSummary, stale: Callable[[Stage], list[Stage]] = lambda s: []) -> None:
+              summary: GridSummary, stale: Callable[[Stage], list[Stage]] = lambda s: [],
+              stop_file: Path | None = None) -> None:
     failed: set[str] = set()
     in_flight: dict[object, Stage] = {}
     total = len(pending)
+    stopping = False
     while pending or in_flight:
+        if pending and (stopping or (stop_file is not None and stop_file.exists())):
+            if not stopping:
+                info(f"{stop_file} found: no new stage starts; {len(in_flight)} in flight finish, the rest is left "
+                     "for --resume")
+            stopping = True
+            summary.left += len(pending)
+            pending.clear()
         for s in list(pending):
             bad = [k for k in s.deps.values() if k in failed]
             if bad:
