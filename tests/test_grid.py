@@ -230,11 +230,12 @@ def test_resume_without_checkpoints_reruns_only_what_a_stage_left_to_run_needs(i
     assert [got[k] for k in measured] == [want[k] for k in measured]
 
 
-def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the_same(inline_study: Path,
-                                                                                    tmp_path: Path) -> None:
+@pytest.mark.parametrize("left_as", ["done", "running"])
+def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the_same(inline_study: Path, tmp_path: Path,
+                                                                                    left_as: str) -> None:
     """A stage run again on another CPU (bf16 kernels differ) may not reproduce its recorded results: then the
     finished stages built on the old checkpoint are stale and run again too. Simulated by a recorded value
-    that the rerun cannot reproduce."""
+    that the rerun cannot reproduce. ``running``: that rerun was itself killed once (its old results stay recorded)."""
     folder = tmp_path / "moved"
     shutil.copytree(inline_study, folder)
     for ckpt in (folder / "artifacts").rglob("*.safetensors"):
@@ -244,6 +245,7 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     with sqlite3.connect(folder / STORE_NAME) as db:
         db.execute("UPDATE metrics SET value = value - 0.01 WHERE run_id = ? AND stage = 'attack' AND name = 'clean_acc' "
                    "AND step IS NULL", (attack_id,))
+        db.execute("UPDATE runs SET status = ? WHERE id = ?", (left_as, attack_id))
     extended = {**TINY, "defenses": [TINY["defenses"][0], {"name": "ft", "epochs": 1, "batch_size": 16}]}
     summary = run_grid(load_study(base=extended), folder, resume=True)
     # clean and attack run again for the new defense; the attack's numbers moved, so the finished FT reruns too

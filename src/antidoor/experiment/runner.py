@@ -148,7 +148,9 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
               "git_commit": git_commit()}
     _schedule(pending, finished, runner, common, store, summary, stop_file=out / STOP_NAME,
-              stale=_stale_checker(stages, {s.key for s in pending if status.get(s.key) == "done"}, finished, store))
+              # a stage left 'running' by a killed grid may have finished before: its results are still recorded
+              stale=_stale_checker(stages, {s.key for s in pending if status.get(s.key) in ("done", "running")}, finished,
+                                   store))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -181,7 +183,7 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
         if stage.key not in recorded:
             return []
         old, now = recorded.pop(stage.key), _recorded(store, {stage.key})[stage.key]
-        if now == old:
+        if not old or now == old:  # nothing recorded before (a first run), or reproduced
             return []
         seen: set[str] = set()
         todo = [stage.key]
