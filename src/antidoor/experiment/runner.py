@@ -194,9 +194,12 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
                     todo.append(c.key)
         downstream = [s for s in stages if s.key in seen and s.key in finished]
         changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
-        warn(f"{stage.describe()} ran again and did not reproduce its recorded results "
-             f"({'; '.join(changed[:3]) or 'metrics differ'}): {len(downstream)} finished stage(s) built on the old "
-             "checkpoint run again too")
+        what = (f"{stage.describe()} ran again and did not reproduce its recorded results "
+                f"({'; '.join(changed[:3]) or 'metrics differ'})")
+        if downstream:
+            warn(f"{what}: {len(downstream)} finished stage(s) built on the old checkpoint run again too")
+        else:
+            info(f"{what}; no finished stage was built on it")
         return downstream
 
     return stale
