@@ -257,6 +257,46 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
 
 
+def test_stale_results_are_recorded_at_once_and_rerun_after_a_stop(inline_study: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid stops right after the changed rerun: the stale purification is already recorded as failed
+    (no table shows its old numbers), and the next --resume runs it again."""
+    from antidoor.experiment import backends
+    from antidoor.experiment.runner import STOP_NAME
+
+    folder = tmp_path / "stale"
+    shutil.copytree(inline_study, folder)
+    for ckpt in (folder / "artifacts").rglob("*.safetensors"):
+        ckpt.unlink()
+    with Store(folder / STORE_NAME) as store:
+        attack_id = next(r["id"] for r in store.runs() if r["stage"] == "attack")
+    with sqlite3.connect(folder / STORE_NAME) as db:
+        db.execute("UPDATE metrics SET value = value - 0.01 WHERE run_id = ? AND stage = 'attack' AND name = 'clean_acc' "
+                   "AND step IS NULL", (attack_id,))
+    real = backends.execute
+
+    def stop_after_attack(job):
+        result = real(job)
+        if job.stage.kind == "attack":
+            (folder / STOP_NAME).touch()
+        return result
+
+    monkeypatch.setattr(backends, "execute", stop_after_attack)
+    extended = load_study(base={**TINY, "defenses": [TINY["defenses"][0], {"name": "ft", "epochs": 1, "batch_size": 16}]})
+    summary = run_grid(extended, folder, resume=True)
+    assert (summary.done, summary.left) == (2, 2)  # clean and attack; the new FT and the stale one are left
+    with Store(folder / STORE_NAME) as store:
+        stale = [r for r in store.runs() if r["error"] and r["error"].startswith("stale:")]
+        assert [(r["stage"], r["status"]) for r in stale] == [("purify", "failed")]
+        assert store.metrics(stale[0]["id"]) == []
+    monkeypatch.setattr(backends, "execute", real)
+    summary = run_grid(extended, folder, resume=True)
+    assert (summary.reused, summary.done, summary.failed) == (2, 2, 0)
+    planned = {s.key for s in plan(extended)}
+    with Store(folder / STORE_NAME) as store:
+        assert [r["status"] for r in store.runs() if r["key"] in planned] == ["done"] * 4
+
+
 def test_a_stop_file_ends_the_grid_after_the_stage_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``touch FOLDER/STOP`` during a run: the stage in flight is recorded, nothing new starts, --resume goes on."""
     from antidoor.experiment import backends

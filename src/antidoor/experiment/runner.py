@@ -198,6 +198,9 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
                 f"({'; '.join(changed[:3]) or 'metrics differ'})")
         if downstream:
             warn(f"{what}: {len(downstream)} finished stage(s) built on the old checkpoint run again too")
+            # recorded at once, so a grid stopped before they rerun leaves no stale result standing
+            store.invalidate([s.key for s in downstream], f"stale: built on the checkpoint of {stage.describe()} before "
+                             "it ran again and changed; runs again on --resume")
         else:
             info(f"{what}; no finished stage was built on it")
         return downstream

@@ -250,6 +250,15 @@ class Store:
                       (key, stage, canonical_json(config), *[labels.get(k) for k in LABELS]))
             _mark_failed(c, c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0], error)
 
+    def invalidate(self, keys: Iterable[str], reason: str) -> None:
+        """Finished stages whose upstream checkpoint changed: recorded as failed with ``reason`` and their
+        results removed, so no table shows them and every later run (``--resume``) runs them again."""
+        with self.transaction() as c:
+            for key in keys:
+                row = c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    _mark_failed(c, row[0], reason)
+
     # -- reading -----------------------------------------------------------------------------------------
     def runs(self, stage: str | None = None) -> list[dict[str, Any]]:
         q, args = "SELECT * FROM runs", ()
