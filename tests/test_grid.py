@@ -252,7 +252,9 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     assert (summary.reused, summary.done, summary.failed) == (0, 4, 0)
     with Store(folder / STORE_NAME) as store:
         attempts = sorted((r["stage"], r["attempts"]) for r in store.runs() if r["status"] == "done")
+        purified = sorted((r for r in store.runs("purify") if r["status"] == "done"), key=lambda r: r["started"])
     assert attempts == [("attack", 2), ("clean", 2), ("purify", 1), ("purify", 2)]
+    assert [r["attempts"] for r in purified] == [2, 1]  # the stale FT runs in plan order: before the new defense
     key = next(k for k in scalars(inline_study) if k[1:] == ("attack", "clean_acc"))
     assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
 

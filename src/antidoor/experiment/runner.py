@@ -148,6 +148,7 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
               "git_commit": git_commit()}
     _schedule(pending, finished, runner, common, store, summary, stop_file=out / STOP_NAME,
+              order={st.key: i for i, st in enumerate(stages)},
               # a stage left 'running' by a killed grid may have finished before: its results are still recorded
               stale=_stale_checker(stages, {s.key for s in pending if status.get(s.key) in ("done", "running")}, finished,
                                    store))
@@ -222,10 +223,11 @@ def check_job_device(device: str, local: bool) -> None:
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
               summary: GridSummary, stale: Callable[[Stage], list[Stage]] = lambda s: [],
-              stop_file: Path | None = None) -> None:
+              stop_file: Path | None = None, order: dict[str, int] | None = None) -> None:
     failed: set[str] = set()
     in_flight: dict[object, Stage] = {}
     total = len(pending)
+    order = {st.key: i for i, st in enumerate(pending)} if order is None else order
     stopping = False
     while pending or in_flight:
         if pending and (stopping or (stop_file is not None and stop_file.exists())):
@@ -257,11 +259,13 @@ def _schedule(pending: list[Stage], finished: set[str], runner: object, common: 
             if result["status"] == "done":
                 finished.add(s.key)
                 summary.done += 1
-                for again in stale(s):
-                    finished.discard(again.key)
-                    pending.append(again)
+                again = stale(s)
+                for a in again:
+                    finished.discard(a.key)
                     summary.reused -= 1
                     total += 1
+                if again:  # in plan order among the rest: a block's stages before the next seed's
+                    pending[:] = sorted([*pending, *again], key=lambda st: order.get(st.key, len(order)))
             else:
                 if result["status"] == "lost":  # the worker died before it could record the failure itself
                     store.record_failure(s.key, s.kind, s.config, s.labels, result["error"])
