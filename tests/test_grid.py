@@ -230,14 +230,10 @@ def test_resume_without_checkpoints_reruns_only_what_a_stage_left_to_run_needs(i
     assert [got[k] for k in measured] == [want[k] for k in measured]
 
 
-@pytest.mark.parametrize("left_as", ["done", "running"])
-def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the_same(inline_study: Path, tmp_path: Path,
-                                                                                    left_as: str) -> None:
-    """A stage run again on another CPU (bf16 kernels differ) may not reproduce its recorded results: then the
-    finished stages built on the old checkpoint are stale and run again too. Simulated by a recorded value
-    that the rerun cannot reproduce. ``running``: that rerun was itself killed once (its old results stay recorded)."""
-    folder = tmp_path / "moved"
-    shutil.copytree(inline_study, folder)
+def moved_study(study: Path, folder: Path, attack_status: str = "done") -> Path:
+    """A copy of ``study`` as another CPU would resume it: no checkpoints, and a recorded attack clean_acc that
+    retraining cannot reproduce (bf16 kernels differ between CPUs); the attack row left as ``attack_status``."""
+    shutil.copytree(study, folder)
     for ckpt in (folder / "artifacts").rglob("*.safetensors"):
         ckpt.unlink()
     with Store(folder / STORE_NAME) as store:
@@ -245,7 +241,17 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     with sqlite3.connect(folder / STORE_NAME) as db:
         db.execute("UPDATE metrics SET value = value - 0.01 WHERE run_id = ? AND stage = 'attack' AND name = 'clean_acc' "
                    "AND step IS NULL", (attack_id,))
-        db.execute("UPDATE runs SET status = ? WHERE id = ?", (left_as, attack_id))
+        db.execute("UPDATE runs SET status = ? WHERE id = ?", (attack_status, attack_id))
+    return folder
+
+
+@pytest.mark.parametrize("left_as", ["done", "running"])
+def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the_same(inline_study: Path, tmp_path: Path,
+                                                                                    left_as: str) -> None:
+    """A stage run again on another CPU (bf16 kernels differ) may not reproduce its recorded results: then the
+    finished stages built on the old checkpoint are stale and run again too. Simulated by a recorded value
+    that the rerun cannot reproduce. ``running``: that rerun was itself killed once (its old results stay recorded)."""
+    folder = moved_study(inline_study, tmp_path / "moved", left_as)
     extended = {**TINY, "defenses": [TINY["defenses"][0], {"name": "ft", "epochs": 1, "batch_size": 16}]}
     summary = run_grid(load_study(base=extended), folder, resume=True)
     # clean and attack run again for the new defense; the attack's numbers moved, so the finished FT reruns too
@@ -266,15 +272,7 @@ def test_stale_results_are_recorded_at_once_and_rerun_after_a_stop(inline_study:
     from antidoor.experiment import backends
     from antidoor.experiment.runner import STOP_NAME
 
-    folder = tmp_path / "stale"
-    shutil.copytree(inline_study, folder)
-    for ckpt in (folder / "artifacts").rglob("*.safetensors"):
-        ckpt.unlink()
-    with Store(folder / STORE_NAME) as store:
-        attack_id = next(r["id"] for r in store.runs() if r["stage"] == "attack")
-    with sqlite3.connect(folder / STORE_NAME) as db:
-        db.execute("UPDATE metrics SET value = value - 0.01 WHERE run_id = ? AND stage = 'attack' AND name = 'clean_acc' "
-                   "AND step IS NULL", (attack_id,))
+    folder = moved_study(inline_study, tmp_path / "stale")
     real = backends.execute
 
     def stop_after_attack(job):
