@@ -55,10 +55,10 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
     t0 = time.perf_counter()
     cfg = build_config(DemoConfig, config, overrides, base=DEMO_DEFAULTS, device=device, seed=seed, preset=preset)
     attack_cfg = AttackRunConfig(**cfg.model_dump(exclude={"defenses", "ra", "clean_reference"}))
-    clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
     backdoor = Scenario.build(cfg.data, cfg.attack, cfg.seed, cfg.device)
     runs = [(cfg.attack["name"], attack_cfg, backdoor)]
     if cfg.clean_reference:
+        clean_cfg = attack_cfg.model_copy(update={"attack": {**cfg.attack, "pratio": 0.0}})
         # the clean reference: same data (already on the device), same defender split and trigger, no poison
         clean = Scenario.build(cfg.data, clean_cfg.attack, cfg.seed, cfg.device, data=backdoor.data)
         runs.insert(0, ("clean", clean_cfg, clean))

@@ -115,8 +115,7 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
         raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
                             "or choose another --out")
     store.set_meta("study", study.model_dump())
-    if (out / STOP_NAME).exists():  # left by an earlier stop (we hold the lock): this run starts afresh
-        (out / STOP_NAME).unlink()
+    (out / STOP_NAME).unlink(missing_ok=True)  # left by an earlier stop (we hold the lock): this run starts afresh
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)
     finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
@@ -222,15 +221,13 @@ def check_job_device(device: str, local: bool) -> None:
 
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
-              summary: GridSummary, stale: Callable[[Stage], list[Stage]] = lambda s: [],
-              stop_file: Path | None = None, order: dict[str, int] | None = None) -> None:
+              summary: GridSummary, stale: Callable[[Stage], list[Stage]], stop_file: Path, order: dict[str, int]) -> None:
     failed: set[str] = set()
     in_flight: dict[object, Stage] = {}
     total = len(pending)
-    order = {st.key: i for i, st in enumerate(pending)} if order is None else order
     stopping = False
     while pending or in_flight:
-        if pending and (stopping or (stop_file is not None and stop_file.exists())):
+        if pending and (stopping or stop_file.exists()):
             if not stopping:
                 info(f"{stop_file} found: no new stage starts; {len(in_flight)} in flight finish, the rest is left "
                      "for --resume")
@@ -265,7 +262,7 @@ def _schedule(pending: list[Stage], finished: set[str], runner: object, common: 
                     summary.reused -= 1
                     total += 1
                 if again:  # in plan order among the rest: a block's stages before the next seed's
-                    pending[:] = sorted([*pending, *again], key=lambda st: order.get(st.key, len(order)))
+                    pending[:] = sorted([*pending, *again], key=lambda st: order[st.key])
             else:
                 if result["status"] == "lost":  # the worker died before it could record the failure itself
                     store.record_failure(s.key, s.kind, s.config, s.labels, result["error"])

@@ -105,15 +105,16 @@ def plan(study: StudyConfig) -> list[Stage]:
 
     dumped_data = [key_dump(d) for d in study.datasets]
     data_labels = labels_for(dumped_data, dataset_label)
-    model_labels = labels_for([key_dump(m) for m in study.models], model_label)
+    dumped_models = [key_dump(m) for m in study.models]
+    model_labels = labels_for(dumped_models, model_label)
     attack_labels = labels_for(study.attacks)
     defense_labels = labels_for(study.defenses)
     train = key_dump(study.train)
     stress = key_dump(study.stress) if study.stress is not None else None
     for data, d_label in zip(dumped_data, data_labels, strict=True):
-        for model, m_label in zip(study.models, model_labels, strict=True):
+        for model, m_label in zip(dumped_models, model_labels, strict=True):
             for seed in study.seeds:
-                base = {"data": data, "model": key_dump(model), "train": train, "seed": seed}
+                base = {"data": data, "model": model, "train": train, "seed": seed}
                 lab = {"dataset": d_label, "model": m_label, "seed": seed}
                 clean = add(Stage("clean", {"stage": "clean", **base}, {**lab, "attack": None, "defense": None}))
                 for attack, a_label in zip(study.attacks, attack_labels, strict=True):
