@@ -237,8 +237,8 @@ def demo(
     preset: list[str] = PresetOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """The main job on the bundled CIFAR-10 (cifar10-10k), offline: train a BadNets model, purify it with FT, SAU and
-    EP, then the superficial-safety table (asr before and after the retuning attack).
+    """The main job on the bundled CIFAR-10 (cifar10-10k), offline: train a BadNets model, purify it with SAU and the
+    oracle reference EP, then the superficial-safety table (asr before and after the retuning attack).
 
     Example: antidoor demo --out runs/demo   (--set clean_reference=true adds a clean model as a reference)
     """
