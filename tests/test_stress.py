@@ -228,6 +228,29 @@ def test_run_stress_covers_models_and_references(small_stress, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_stress_measures_each_reference_once_before_ra(badnets_run, clean_run, ft_model, monkeypatch):
+    """The backdoored and the clean reference are measured on the whole test split once before RA: that
+    measurement feeds both the scenario checks and their RA's o_asr (it was taken twice)."""
+    from antidoor.metrics import Evaluator
+
+    scenario = badnets_run.result.scenario
+    bd, clean = badnets_run.result.model, clean_run.result.model
+    calls: list[int] = []
+    real_measure = Evaluator.measure
+
+    def counting(self, model):
+        if self is scenario.evaluator:
+            calls.append(id(model))
+        return real_measure(self, model)
+
+    monkeypatch.setattr(Evaluator, "measure", counting)
+    cfg = StressConfig(ra=RAConfig(seeds=[0], epochs=1, curves=False), qra=None, path=None, ep=False)
+    res = run_stress({"ft": ft_model}, bd, clean, scenario, cfg)
+    assert calls.count(id(bd)) == 1 and calls.count(id(clean)) == 1 and calls.count(id(ft_model)) == 1
+    expected = real_measure(scenario.evaluator, bd)[0]
+    assert res.models["backdoored"].ra.o_asr == pytest.approx(expected["asr"])
+
+
 def _complete(path: Path) -> bool:
     data = path.read_bytes()
     if path.suffix == ".json":

@@ -177,7 +177,8 @@ def _std(v: list[float]) -> float:
 
 
 def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, config: RAConfig | None = None,
-                    keep_models: bool = False, description: str = "RA", **overrides: Any) -> RAResult:
+                    keep_models: bool = False, description: str = "RA",
+                    before: tuple[dict[str, float], torch.Tensor | None] | None = None, **overrides: Any) -> RAResult:
     """Run the retuning attack on copies of ``model`` (left untouched), once per seed.
 
     ``evaluator`` measures asr and clean_acc (on the test split: measurement only, nothing is chosen
@@ -191,7 +192,7 @@ def retuning_attack(model: Classifier, data: RAData, evaluator: Evaluator, confi
         raise AntidoorError("the retuning attack needs an evaluator with an attack (asr cannot be measured without a trigger)")
     train_cfg = cfg.train_config()
     device = data.x.device
-    before, before_hits = evaluator.measure(model.to(device))
+    before, before_hits = before if before is not None else evaluator.measure(model.to(device))
     # the curves on a fixed subset when asked (every epoch of every seed is a measurement); the model
     # before and after RA always on the whole split
     curve_eval = evaluator.subset(cfg.curve_images)

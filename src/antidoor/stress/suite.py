@@ -145,8 +145,10 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     if cfg.inversion is not None:  # the trigger is unknown: stress under one recovered from the backdoored model
         scenario = copy.copy(scenario)
         scenario.attack, scenario._evaluator = inverted_attack(backdoored, scenario, cfg.inversion), None
-    clean_asr = scenario.evaluator(named["clean"])["asr"] if "clean" in named else None
-    checks = check_scenario(named, scenario.evaluator(named["backdoored"])["asr"], scenario, cfg.guards, clean_asr)
+    # the references measured once: for the checks here and as their RA's point before retuning
+    measured = {n: scenario.evaluator.measure(named[n]) for n in ("backdoored", "clean") if n in named}
+    clean_asr = measured["clean"][0]["asr"] if "clean" in measured else None
+    checks = check_scenario(named, measured["backdoored"][0]["asr"], scenario, cfg.guards, clean_asr)
     if ep is None and cfg.ep and cfg.inversion is None:
         if scenario.oracle_available():
             info("purifying the backdoored model with EP (oracle reference: sees the poisoned samples with their true labels)")
@@ -161,7 +163,7 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
     runs.append(("backdoored", "backdoored reference", backdoored))
     if clean_ref is not None:
         runs.append(("clean", "clean reference", clean_ref))
-    out = {name: stress_model(name, role, model, scenario, backdoored, clean_ref, cfg, ra_data, qra_data)
+    out = {name: stress_model(name, role, model, scenario, backdoored, clean_ref, cfg, ra_data, qra_data, measured.get(name))
            for name, role, model in runs}
     defender = scenario.defender_data()
     data = {"dataset": scenario.data.name, "attack": scenario.attack.spec(), "ra_set": ra_data.describe(),
@@ -173,18 +175,20 @@ def run_stress(purified: dict[str, Classifier] | Classifier, backdoored: Classif
 
 def stress_model(name: str, role: str, model: Classifier, scenario: Scenario, backdoored: Classifier,
                  clean_ref: Classifier | None, config: ModelStressConfig, ra_data: RAData,
-                 qra_data: QRAData | None = None) -> ModelStress:
+                 qra_data: QRAData | None = None,
+                 before: tuple[dict[str, float], torch.Tensor | None] | None = None) -> ModelStress:
     """Stress one model: RA; for a purified model or EP (``role`` starting with ``purified`` or ``oracle``)
     also QRA (when ``qra_data`` is given) and the path to ``backdoored`` (when ``config.path`` is set).
 
     ``ra_data``/``qra_data`` come from :func:`ra_data_for`/:func:`qra_data_for`, built once and shared
     by every model compared. ``clean_ref`` is QRA's clean surrogate and the model ``qra_asr_clean`` is measured on.
+    ``before``: ``scenario.evaluator.measure(model)`` when the caller has taken it already.
     """
     ev = scenario.evaluator
     model = model.to(scenario.device).eval()
     purified_like = role.startswith(("purified", "oracle"))
     ra = retuning_attack(model, ra_data, ev, config.ra, keep_models=purified_like and qra_data is not None,
-                         description=f"RA on {name}")
+                         description=f"RA on {name}", before=before)
     res = ModelStress(role, _describe(model), ra)
     if purified_like and qra_data is not None:
         roles = {"retuned": f"{name} after RA (seed {ra.runs[0].seed})", "purified": name,
