@@ -47,3 +47,46 @@ def test_device_slice_runs_the_backdoorbench_study_at_tiny_scale(tmp_path: Path)
     with tarfile.open(tmp_path / "out" / "study.tar.gz") as tar:
         names = tar.getnames()
     assert "study.sqlite" in names and sum(n.startswith("artifacts/stress/") for n in names) == 5
+
+
+def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path: Path) -> None:
+    """tools/snapshot_study.py: the store copied whole; stress JSONs of done and superseded stages copied or
+    kept, a stale stage's JSON removed, checkpoints never copied."""
+    import subprocess
+    import sys
+
+    from antidoor.experiment.stages import artifact_path
+    from antidoor.experiment.store import Store
+
+    src, dst = tmp_path / "runs", tmp_path / "committed"
+    (src / "artifacts" / "stress").mkdir(parents=True)
+    (src / "artifacts" / "attack").mkdir()
+    (dst / "artifacts" / "stress").mkdir(parents=True)
+    labels = {"dataset": "d", "model": "m", "attack": "badnets", "seed": 0}
+    with Store(src / "study.sqlite") as store:
+        for key, defense in [("done1", "sau"), ("stale1", "ft"), ("super1", "pam"), ("gone1", "ep")]:
+            run_id = store.start(key, "stress", {"k": key}, {**labels, "defense": defense})
+            store.finish(run_id, [])
+        store.invalidate(["stale1"], "stale: built on an older checkpoint")
+        store.invalidate(["super1"], "superseded by a rerun")
+        run_id = store.start("attack1", "attack", {}, labels)
+        store.finish(run_id, [])
+    name = {k: Path(artifact_path("stress", k)).name for k in ("done1", "stale1", "super1", "gone1")}
+    for k in ("done1", "stale1", "super1"):
+        (src / "artifacts" / "stress" / name[k]).write_text(f'{{"run": "{k}"}}')
+    (src / "artifacts" / "attack" / "model.safetensors").write_bytes(b"x")
+    (dst / "artifacts" / "stress" / name["stale1"]).write_text("old")  # committed before the stage went stale
+    (dst / "artifacts" / "stress" / name["gone1"]).write_text('{"run": "gone1"}')  # committed, this checkout lacks it
+    res = subprocess.run([sys.executable, "tools/snapshot_study.py", str(src), str(dst)], capture_output=True, text=True,
+                         cwd=BENCHMARKS.parent)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (dst / "artifacts" / "stress").iterdir()) == sorted(
+        [name["done1"], name["super1"], name["gone1"]])
+    assert (dst / "artifacts" / "stress" / name["done1"]).read_text() == '{"run": "done1"}'
+    assert not (dst / "artifacts" / "attack").exists()
+    with Store(dst / "study.sqlite", readonly=True) as copy:
+        assert {r["key"]: r["status"] for r in copy.runs()} == {
+            "done1": "done", "stale1": "failed", "super1": "failed", "gone1": "done", "attack1": "done"}
+    bad = subprocess.run([sys.executable, "tools/snapshot_study.py", str(tmp_path / "nowhere"), str(dst)],
+                         capture_output=True, text=True, cwd=BENCHMARKS.parent)
+    assert bad.returncode == 2 and "study.sqlite does not exist" in bad.stderr

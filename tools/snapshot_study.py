@@ -1,0 +1,64 @@
+"""Copy a running study's record (a grid folder) into a committed folder: the store and its stress results.
+
+The store is copied with SQLite's backup API, so a grid writing to it at the same time cannot leave a
+torn copy. The stress JSONs copied are those of stress stages recorded as done, plus those of stages
+superseded by a rerun (their error starts with "superseded"; kept for the record, the write-up cites
+them). Any other stress JSON in the destination (of a stage now stale or failed) is removed: the
+committed folder never holds a result its store does not vouch for. Checkpoints are never copied.
+
+    python tools/snapshot_study.py runs/regime benchmarks/regime
+    antidoor report runs/regime --out benchmarks/regime     # then the tables and figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+from pathlib import Path
+
+from antidoor.experiment.stages import artifact_path
+
+
+def snapshot(src: Path, dst: Path) -> dict[str, int]:
+    (dst / "artifacts" / "stress").mkdir(parents=True, exist_ok=True)
+    tmp = dst / "study.sqlite.tmp"
+    tmp.unlink(missing_ok=True)
+    with sqlite3.connect(src / "study.sqlite") as a, sqlite3.connect(tmp) as b:
+        a.backup(b)
+    tmp.replace(dst / "study.sqlite")
+    with sqlite3.connect(dst / "study.sqlite") as c:
+        keys = [k for (k,) in c.execute("SELECT key FROM runs WHERE stage = 'stress' AND "
+                                        "(status = 'done' OR (status = 'failed' AND error LIKE 'superseded%'))")]
+    want = {Path(artifact_path("stress", k)).name for k in keys}
+    out = dst / "artifacts" / "stress"
+    counts = {"copied": 0, "kept": 0, "removed": 0, "missing": 0}
+    for f in out.glob("*.json"):
+        if f.name not in want:
+            print(f"removed (no done or superseded stress stage): {f.name}")
+            f.unlink()
+            counts["removed"] += 1
+    for name in sorted(want):
+        if (src / "artifacts" / "stress" / name).is_file():
+            shutil.copy2(src / "artifacts" / "stress" / name, out / name)
+            counts["copied"] += 1
+        elif (out / name).is_file():
+            counts["kept"] += 1  # committed earlier; this checkout never had it
+        else:
+            print(f"missing: {name}")
+            counts["missing"] += 1
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", type=Path, help="the grid's --out folder (holds study.sqlite)")
+    ap.add_argument("dst", type=Path, help="the committed folder")
+    args = ap.parse_args()
+    if not (args.src / "study.sqlite").is_file():
+        ap.error(f"{args.src / 'study.sqlite'} does not exist; give the grid's --out folder")
+    print(snapshot(args.src, args.dst))
+
+
+if __name__ == "__main__":
+    main()
