@@ -78,7 +78,7 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
 
     bd = models[cfg.attack["name"]]
     defense_rows = [{"model": f"{cfg.attack['name']} (no defense)", **bd.metrics, "der": None, "seconds": None}]
-    purified_models = {}
+    purified_models, measured = {}, {}
     for spec in cfg.defenses:
         name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
         t = time.perf_counter()
@@ -86,8 +86,8 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
         chosen: dict[str, float] = {}
         purified = purify(bd.model, defender, name, seed=cfg.seed, chosen=chosen, **params)
         seconds = time.perf_counter() - t
-        metrics = backdoor.evaluator(purified)
-        metrics["der"] = der(bd.metrics, metrics)
+        measured[name] = backdoor.evaluator.measure(purified)  # also RA's point before retuning
+        metrics = {**measured[name][0], "der": der(bd.metrics, measured[name][0])}
         meta = {**run_meta(attack_cfg, bd), "defense": defense_record(spec, cfg.seed, chosen),
                 "metrics_before": bd.metrics, "metrics": metrics}
         save_checkpoint(out / f"{cfg.attack['name']}-{name}.safetensors", purified, meta, backdoor.attack, backdoor.splits)
@@ -105,7 +105,8 @@ def run_demo(config: Path | None, overrides: list[str], device: str | None, seed
         targets = {**purified_models, **({"clean": models["clean"].model} if "clean" in models else {})}
         for name, model in targets.items():
             t = time.perf_counter()
-            s = retuning_attack(model, ra_data, backdoor.evaluator, cfg.ra, description=f"RA on {name}").summary()
+            s = retuning_attack(model, ra_data, backdoor.evaluator, cfg.ra, description=f"RA on {name}",
+                                before=measured.get(name)).summary()
             ra_rows.append({"model": name, "o_asr": s["o_asr"], "p_asr": s["p_asr_mean"], "p_asr_std": s["p_asr_std"],
                             "clean_acc": s["o_clean_acc"], "ra_clean_acc": s["clean_acc_mean"],
                             "seconds": round(time.perf_counter() - t, 1)})
