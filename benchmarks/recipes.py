@@ -13,6 +13,8 @@ Recipes: ``fast`` (the preset: whitened_cnn width 64, 15 epochs), ``preact16``/`
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/recipes.py --data /path/cifar10-20k.npz \\
         --runs fast-none fast-badnets fast-blended preact16-none preact32-none --out-dir benchmarks/results/recipes
     .venv/bin/python benchmarks/recipes.py --out-dir benchmarks/results/recipes --table benchmarks/recipes.md
+
+One folder per machine (the skip-if-done rule is per folder); ``--also`` adds other folders' runs to the table.
 """
 
 from __future__ import annotations
@@ -66,14 +68,15 @@ def run(name: str, data: str, seed: int, threads: int) -> dict[str, Any]:
             "bf16": amp_active(torch.device("cpu"), cfg.train.amp), "device": device_name(torch.device("cpu"))}
 
 
-def table(out_dir: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))]
-    lines = ["| run | model | epochs | bf16 | train s | clean_acc | asr | first epoch at ≥ 88% |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
+def table(out_dirs: list[Path]) -> str:
+    rows = [json.loads(p.read_text()) for d in out_dirs for p in sorted(d.glob("*.json"))]
+    lines = ["| run | model | epochs | bf16 | device | train s | clean_acc | asr | first epoch at ≥ 88% |",
+             "|---|---|---:|---|---|---:|---:|---:|---|"]
     for r in rows:
         m, cfg = r["metrics"], r["config"]
         hit = next((c for c in r["curve"] if c["clean_acc"] >= 0.88), None)
-        lines.append(f"| {r['run']} | {cfg['model']['name']} w{cfg['model']['width']} | {cfg['train']['epochs']} | {r['bf16']} | "
+        model = f"{cfg['model']['name']} w{cfg['model']['width']}"
+        lines.append(f"| {r['run']} | {model} | {cfg['train']['epochs']} | {r['bf16']} | {r['device']} | "
                      f"{r['train_seconds']:.0f} | {100 * m['clean_acc']:.2f} | {100 * m['asr']:.2f} | "
                      + (f"{hit['epoch']} ({hit['train_seconds']:.0f} s)" if hit else "-") + " |")
     return "\n".join(lines) + "\n"
@@ -85,7 +88,8 @@ def main() -> int:
     p.add_argument("--runs", nargs="*", default=[], help="RECIPE-ATTACK names, e.g. fast-badnets preact16-none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--table", type=Path, help="write the Markdown table of every run in --out-dir here")
+    p.add_argument("--table", type=Path, help="write the Markdown table of every run in --out-dir (and --also) here")
+    p.add_argument("--also", type=Path, nargs="*", default=[], help="more result folders for the table (other machines)")
     args = p.parse_args()
     for name in args.runs:
         path = args.out_dir / f"{name}-s{args.seed}.json"
@@ -94,7 +98,7 @@ def main() -> int:
             continue
         atomic_write_json(path, run(name, args.data, args.seed, torch.get_num_threads()))
     if args.table:
-        atomic_write_text(args.table, table(args.out_dir))
+        atomic_write_text(args.table, table([*args.also, args.out_dir]))
     return 0
 
 
