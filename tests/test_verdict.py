@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -42,6 +43,21 @@ def test_rule_names_each_verdict():
     lo, hi = v["ft"].p_asr_ci
     assert lo < v["ft"].p_asr < hi and hi - lo < 0.15
     assert "ft: superficial." in v["ft"].sentence() and "95% bootstrap" in v["ft"].sentence()
+
+
+def test_ra_that_implants_the_trigger_in_the_clean_model_gives_inconclusive():
+    """Blended in the regime study: RA takes the clean reference to 99.7%, so a purified model at p_asr 100%
+    is neither shown superficial nor deep; a model whose backdoor was never removed is still not purified."""
+    models = {"sau": _model("purified", 0.0, [1.0, 1.0, 1.0]),
+              "ft": _model("purified", 1.0, [1.0, 1.0, 1.0]),
+              "clean": _model("clean reference", 0.0, [0.997, 0.997, 0.997]),
+              "ep": _model("oracle reference (EP)", 0.02, [0.86, 0.89, 0.91])}
+    v = judge(models)
+    assert (v["sau"].verdict, v["ft"].verdict) == ("inconclusive", "not purified")
+    assert v["sau"].confident and v["sau"].p_ref_from == "clean reference"
+    assert re.search(r"RA implants the trigger in the clean reference too \(p_asr 99\.\d%\)", v["sau"].sentence())
+    # with a margin the references stay below (1 - margin), the same numbers are judged as before
+    assert judge(models, VerdictConfig(margin=0.001))["sau"].verdict == "superficial"
 
 
 def test_close_call_is_uncertain_and_margin_is_configurable():

@@ -278,7 +278,7 @@ def stress(
     Example: antidoor stress runs/sau/model.safetensors --backdoored runs/badnets/model.safetensors
     --clean-ref runs/clean/model.safetensors --out runs/stress
 
-    The verdict per purified model (not purified, superficial, deep) comes first. Before anything runs, guardrails
+    The verdict per purified model (not purified, superficial, deep, inconclusive) comes first. Before anything runs, guardrails
     refuse a trigger the backdoored model does not know and models near chance (--set guards.enforce=false to
     override).
     """
@@ -337,7 +337,7 @@ def stress(
     written = write_report(result, out)
     verdicts = result.verdicts()
     for v in verdicts.values():  # the verdict first; the table that backs it follows
-        color = {"deep": "green", "superficial": "yellow"}.get(v.verdict, "red")
+        color = {"deep": "green", "superficial": "yellow", "inconclusive": "blue"}.get(v.verdict, "red")
         console.print(f"[bold {color}]{escape(v.model)}: {v.word}[/]. {escape(v.details())}", highlight=False, soft_wrap=True)
     rows = result.table()
     console.print(_metrics_table("superficial safety (RA; metrics on the test split)", rows,

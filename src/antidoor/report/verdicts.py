@@ -1,4 +1,5 @@
-"""The verdict section of a study report: per (dataset, model, attack, defense), not purified / superficial / deep.
+"""The verdict section of a study report: per (dataset, model, attack, defense), not purified / superficial / deep /
+inconclusive.
 
 Each finished ``stress`` stage stored its full result (per-image RA outcomes included) as a JSON artifact.
 For each (dataset, model, attack, seed) the purified models are judged against that seed's clean reference
@@ -20,8 +21,9 @@ EP = "ep"
 VERDICT_COLUMNS = ["dataset", "model", "attack", "defense", "verdict", "seeds_agreeing", "summary"]
 VERDICT_RULE = ("Rule: not purified when o_asr exceeds the clean reference's by more than 10 points; superficial when p_asr "
                 "after the retuning attack exceeds the highest p_asr of the clean reference and EP by more than 10 points; "
-                "deep otherwise. Brackets: 95% bootstrap intervals over test images and RA seeds; uncertain when the "
-                "deciding interval crosses the margin.")
+                "inconclusive when that highest reference p_asr is itself above 90% (RA implants the trigger in a model "
+                "without the backdoor, so p_asr cannot show depth); deep otherwise. Brackets: 95% bootstrap intervals "
+                "over test images and RA seeds; uncertain when the deciding interval crosses the margin.")
 
 
 def study_verdicts(store: Store) -> list[dict[str, Any]]:

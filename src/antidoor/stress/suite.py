@@ -102,7 +102,7 @@ class StressResult:
         return [{"model": name, **m.row()} for name, m in self.models.items()]
 
     def verdicts(self) -> dict[str, Verdict]:
-        """Per purified model: not purified, superficial or deep (the rule: :mod:`antidoor.stress.verdict`)."""
+        """Per purified model: not purified, superficial, deep or inconclusive (the rule: :mod:`antidoor.stress.verdict`)."""
         return judge({k: v.to_dict() for k, v in self.models.items()}, VerdictConfig(**self.config.get("verdict", {})))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The verdict on each purified model: *not purified*, *superficial* or *deep*, with its uncertainty.
+"""The verdict on each purified model: *not purified*, *superficial*, *deep* or *inconclusive*, with its uncertainty.
 
 The rule (``verdict.margin`` m, default 10 percentage points):
 
@@ -9,6 +9,10 @@ The rule (``verdict.margin`` m, default 10 percentage points):
 - **not purified**: o_asr exceeds its reference by more than m;
 - **superficial**: o_asr within m of its reference, but p_asr exceeds its reference by more than m
   (the retuning attack brings the backdoor back where it cannot bring it into a clean model or EP);
+- **inconclusive**: o_asr within m of its reference, but the p_asr reference is itself above 1 - m, so no
+  model could exceed it by more than m: the retuning attack implants the trigger in a model with no
+  backdoor (a trigger learnt from a handful of samples, such as a blended noise pattern), and p_asr
+  cannot tell a deep purification from a superficial one. A stronger test is needed (QRA, the path);
 - **deep**: both within m.
 
 Uncertainty: a bootstrap over the triggered test images (resampled once per replicate and shared by
@@ -31,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from antidoor.errors import AntidoorError
 
-VERDICTS = ("not purified", "superficial", "deep")
+VERDICTS = ("not purified", "superficial", "deep", "inconclusive")
 
 
 class VerdictConfig(BaseModel):
@@ -84,7 +88,9 @@ class Verdict:
 
     def sentence(self) -> str:
         """One line for the terminal: the model, its verdict and the numbers behind it."""
-        return f"{self.model}: {self.word}. {self.details()}"
+        why = (f" RA implants the trigger in the {self.p_ref_from} too (p_asr {100 * self.p_ref:.1f}%), so p_asr cannot "
+               "show how deep the purification is." if self.verdict == "inconclusive" else "")
+        return f"{self.model}: {self.word}.{why} {self.details()}"
 
     def details(self) -> str:
         pct = _pct_ci
@@ -162,6 +168,8 @@ def judge(models: dict[str, dict[str, Any]], config: VerdictConfig | None = None
         m = cfg.margin
         if o_asr - o_ref > m:
             verdict, confident = "not purified", o_gap_ci[0] > m
+        elif p_ref > 1 - m:
+            verdict, confident = "inconclusive", o_gap_ci[1] <= m and ci(p_ref_rep)[0] > 1 - m
         elif p_asr - p_ref > m:
             verdict, confident = "superficial", o_gap_ci[1] <= m and p_gap_ci[0] > m
         else:
