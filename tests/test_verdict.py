@@ -56,6 +56,7 @@ def test_ra_that_implants_the_trigger_in_the_clean_model_gives_inconclusive():
     assert (v["sau"].verdict, v["ft"].verdict) == ("inconclusive", "not purified")
     assert v["sau"].confident and v["sau"].p_ref_from == "clean reference"
     assert re.search(r"RA implants the trigger in the clean reference too \(p_asr 99\.\d%\)", v["sau"].sentence())
+    assert v["sau"].details().startswith("RA implants")  # what the CLI and stress.md print after the verdict word
     # with a margin the references stay below (1 - margin), the same numbers are judged as before
     assert judge(models, VerdictConfig(margin=0.001))["sau"].verdict == "superficial"
 

@@ -17,17 +17,17 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from antidoor.experiment.stages import artifact_path
+from antidoor.experiment.stages import STORE_NAME, artifact_path
 
 
 def snapshot(src: Path, dst: Path) -> dict[str, int]:
     (dst / "artifacts" / "stress").mkdir(parents=True, exist_ok=True)
-    tmp = dst / "study.sqlite.tmp"
+    tmp = dst / f"{STORE_NAME}.tmp"
     tmp.unlink(missing_ok=True)
-    with sqlite3.connect(src / "study.sqlite") as a, sqlite3.connect(tmp) as b:
+    with sqlite3.connect(src / STORE_NAME) as a, sqlite3.connect(tmp) as b:
         a.backup(b)
-    tmp.replace(dst / "study.sqlite")
-    with sqlite3.connect(dst / "study.sqlite") as c:
+    tmp.replace(dst / STORE_NAME)
+    with sqlite3.connect(dst / STORE_NAME) as c:
         keys = [k for (k,) in c.execute("SELECT key FROM runs WHERE stage = 'stress' AND "
                                         "(status = 'done' OR (status = 'failed' AND error LIKE 'superseded%'))")]
     want = {Path(artifact_path("stress", k)).name for k in keys}
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("src", type=Path, help="the grid's --out folder (holds study.sqlite)")
     ap.add_argument("dst", type=Path, help="the committed folder")
     args = ap.parse_args()
-    if not (args.src / "study.sqlite").is_file():
-        ap.error(f"{args.src / 'study.sqlite'} does not exist; give the grid's --out folder")
+    if not (args.src / STORE_NAME).is_file():
+        ap.error(f"{args.src / STORE_NAME} does not exist; give the grid's --out folder")
     print(snapshot(args.src, args.dst))
 
 
