@@ -535,5 +535,5 @@ def test_grid_stress_stages_record_p_asr_and_curves_then_report_them(inline_stud
     res = run_cli("results", folder, "--format", "csv", "--mean")
     assert res.returncode == 0, res.stderr
     header = res.stdout.splitlines()[0].split(",")
-    assert header[4:14] == ["clean_acc", "asr", "robust_acc", "der", "val_clean_acc", "p_asr", "p_asr_std", "p_clean_acc",
-                            "qra_asr_purified", "qra_asr_clean"]
+    assert header[4:15] == ["clean_acc", "asr", "robust_acc", "der", "clean_acc_drop", "val_clean_acc", "p_asr", "p_asr_std",
+                            "p_clean_acc", "qra_asr_purified", "qra_asr_clean"]

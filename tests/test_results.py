@@ -38,6 +38,8 @@ def test_rates_and_der_in_percent():
     # a defense's chosen setting is a number, not a rate; its accuracies stay rates
     assert fmt_value(0.3, "chosen.rho") == "0.3" and fmt_value(5.0, "chosen.rho_candidates_tried") == "5"
     assert fmt_value(0.912, "chosen.rho_val_clean_acc") == "91.2%"
+    # a cost is a difference of rates, in points, whatever its sign
+    assert fmt_value(0.03, "clean_acc_drop") == "3.0%" and fmt_value(-0.004, "clean_acc_drop") == "-0.4%"
 
 
 def test_results_load_a_study(resumed_store):

@@ -90,3 +90,28 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
     bad = subprocess.run([sys.executable, "tools/snapshot_study.py", str(tmp_path / "nowhere"), str(dst)],
                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
     assert bad.returncode == 2 and "study.sqlite does not exist" in bad.stderr
+
+
+def test_findings_of_the_committed_regime_study() -> None:
+    """benchmarks/regime_findings.py reads the committed store: seed 0's figures, criteria and chosen settings."""
+    import subprocess
+    import sys
+
+    from antidoor.experiment.store import Store
+    from antidoor.report.tables import result_rows
+
+    with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
+        rows = {(r["attack"], r["seed"], r["defense"]): r for r in result_rows(store)}
+    sau, backdoored = rows[("badnets", 0, "sau")], rows[("badnets", 0, "none")]
+    assert sau["clean_acc_drop"] == backdoored["clean_acc"] - sau["clean_acc"] and 0.029 < sau["clean_acc_drop"] < 0.031
+    assert "clean_acc_drop" not in backdoored and "clean_acc_drop" not in rows[("badnets", 0, "clean")]
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "regime_findings.py"), str(BENCHMARKS / "regime")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert "## badnets on " in text and "## blended on " in text
+    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.5, cost 3.0 ✓" in text
+    assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
+    assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
+    assert "- pam `chosen.rho`: seed 0: 0.3" in text
+    assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated

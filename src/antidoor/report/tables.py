@@ -19,10 +19,10 @@ from typing import Any
 from antidoor.experiment.store import Store
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
-# the standard four, the defender's validation accuracy, then the stress suite's (when the study has a stress
-# section); the rest follow alphabetically
-FIRST = ["clean_acc", "asr", "robust_acc", "der", "val_clean_acc", "p_asr", "p_asr_std", "p_clean_acc", "qra_asr_purified",
-         "qra_asr_clean"]
+# the standard four, a defense's cost in clean accuracy, the defender's validation accuracy, then the stress
+# suite's (when the study has a stress section); the rest follow alphabetically
+FIRST = ["clean_acc", "asr", "robust_acc", "der", "clean_acc_drop", "val_clean_acc", "p_asr", "p_asr_std", "p_clean_acc",
+         "qra_asr_purified", "qra_asr_clean"]
 FORMATS = ("table", "csv", "markdown", "json")
 # the model a metric belongs to, by the metrics' stage column; other stages belong to the run's defense
 ROLE = {"attack": "none", "reference": "clean", "clean": "clean"}
@@ -72,6 +72,10 @@ def result_rows(store: Store) -> list[dict[str, Any]]:
                                                r["defense"] != "clean", r["defense"] != "none", r["_order"]))
     for r in out:
         del r["_order"]
+        backdoored = rows.get((r["dataset"], r["model"], r["attack"], r["seed"], "none"))
+        if r["defense"] not in ("clean", "none") and backdoored and None not in (backdoored.get("clean_acc"), r.get("clean_acc")):
+            # the defense's cost, against the model it purified (same seed): the papers' "at <= 3 points of clean accuracy"
+            r["clean_acc_drop"] = backdoored["clean_acc"] - r["clean_acc"]
     return out
 
 
@@ -154,6 +158,8 @@ def fmt_value(v: Any, column: str = "") -> str:
             return f"{v:.1f}"
         if is_setting(column):
             return f"{v:g}" if v != int(v) else str(int(v))
+        if column.endswith("_drop"):  # a difference of two rates, in points; negative when the defense gained
+            return f"{100 * v:.1f}%"
         return f"{100 * v:.1f}%" if 0 <= v <= 1 else f"{v:.3f}"  # rates, der included, in percent
     return str(v)
 

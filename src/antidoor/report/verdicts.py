@@ -26,8 +26,8 @@ VERDICT_RULE = ("Rule: not purified when o_asr exceeds the clean reference's by 
                 "over test images and RA seeds; uncertain when the deciding interval crosses the margin.")
 
 
-def study_verdicts(store: Store) -> list[dict[str, Any]]:
-    """One row per (dataset, model, attack, defense): the seeds' majority ``verdict`` and each seed's in ``summary``."""
+def seed_verdicts(store: Store) -> dict[tuple, list[tuple[int, Verdict]]]:
+    """Each (dataset, model, attack, defense)'s verdict per seed, judged against that seed's references."""
     folder = store.path.parent
     groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
     runs = {r["id"]: r for r in latest_runs(store, "stress") if r["status"] == "done"}
@@ -45,16 +45,22 @@ def study_verdicts(store: Store) -> list[dict[str, Any]]:
     for (d, m, a, seed), models in groups.items():
         for name, v in judge(models).items():
             per_defense[(d, m, a, name)].append((seed, v))
+    return {k: sorted(v, key=lambda sv: sv[0]) for k, v in per_defense.items()}
+
+
+def study_verdicts(store: Store) -> list[dict[str, Any]]:
+    """One row per (dataset, model, attack, defense): the seeds' majority ``verdict`` and each seed's in ``summary``."""
+    per_defense = seed_verdicts(store)
     rows = []
     for (d, m, a, name), seeds in sorted(per_defense.items(), key=lambda kv: tuple(map(str, kv[0]))):
         counts = Counter(v.verdict for _, v in seeds)
         verdict, k = counts.most_common(1)[0]
         each = "; ".join(f"seed {s}: {v.word} (o_asr {100 * v.o_asr:.1f}%, p_asr {100 * v.p_asr:.1f}% "
                          f"[{100 * v.p_asr_ci[0]:.1f}, {100 * v.p_asr_ci[1]:.1f}] vs {v.p_ref_from} {100 * v.p_ref:.1f}%)"
-                         for s, v in sorted(seeds, key=lambda sv: sv[0]))
+                         for s, v in seeds)
         rows.append({"dataset": d, "model": m, "attack": a, "defense": name, "verdict": verdict,
                      "seeds_agreeing": f"{k}/{len(seeds)}", "summary": each})
     return rows
 
 
-__all__ = ["VERDICT_COLUMNS", "VERDICT_RULE", "study_verdicts"]
+__all__ = ["VERDICT_COLUMNS", "VERDICT_RULE", "seed_verdicts", "study_verdicts"]
