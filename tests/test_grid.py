@@ -102,6 +102,31 @@ def test_plan_shares_stages_and_keys_follow_the_config() -> None:
     assert not {s.key for s in plan(load_study(base=study, overrides=["train.lr=0.02"]))} & set(position)
 
 
+def test_entry_labels_name_rows_and_stay_out_of_stage_keys() -> None:
+    """``label`` names an attack's or a defense's rows; the stages' keys are those of the unlabelled entries."""
+    study = {**TINY, "attacks": [{"name": "blended"}], "defenses": [{"name": "ft"}, {"name": "ft", "epochs": 3}]}
+    plain = plan(load_study(base=study))
+    labelled = {**study, "attacks": [{"name": "blended", "label": "blended-noise"}],
+                "defenses": [{"name": "ft"}, {"name": "ft", "epochs": 3, "label": "ft-long"}]}
+    cfg = load_study(base=labelled)
+    assert cfg.row_labels("attacks") == ["blended-noise"] and cfg.row_labels("defenses") == ["ft", "ft-long"]
+    assert [s.key for s in plan(cfg)] == [s.key for s in plain]  # a stored study resumes under its new labels' keys
+    rows = {(s.kind, s.labels["attack"], s.labels["defense"]) for s in plan(cfg)}
+    assert ("purify", "blended-noise", "ft-long") in rows and ("purify", "blended-noise", "ft") in rows
+    assert {(s.labels["attack"], s.labels["defense"]) for s in plain if s.kind == "purify"} == {("blended", "ft#1"),
+                                                                                            ("blended", "ft#2")}
+    # the store keeps the study with its labels: `grid --resume --out` without the YAML names rows alike
+    again = load_study(base=cfg.dump())
+    assert again.row_labels("defenses") == ["ft", "ft-long"] and again.attacks == cfg.attacks
+    for entries, msg in (([{"name": "badnets", "label": "blended"}, {"name": "blended"}], "name two entries"),
+                         ([{"name": "badnets", "label": "a#b"}], "short name"),
+                         ([{"name": "badnets", "label": 3}], "short name")):
+        with pytest.raises(AntidoorError, match=msg):
+            load_study(base={**TINY, "attacks": entries})
+    with pytest.raises(AntidoorError, match="not a study key"):
+        load_study(base={**TINY, "attack_labels": ["x"]})
+
+
 def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
     with pytest.raises(AntidoorError, match=r"defenses.*rnds|rnds"):
         load_study(base={**TINY, "defenses": [{"name": "sau", "rnds": 3}]})

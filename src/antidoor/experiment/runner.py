@@ -114,7 +114,7 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     if status and not resume:
         raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
                             "or choose another --out")
-    store.set_meta("study", study.model_dump())
+    store.set_meta("study", study.dump())  # with the entries' labels: `--resume` without the YAML names rows alike
     (out / STOP_NAME).unlink(missing_ok=True)  # left by an earlier stop (we hold the lock): this run starts afresh
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)

@@ -107,8 +107,8 @@ def plan(study: StudyConfig) -> list[Stage]:
     data_labels = labels_for(dumped_data, dataset_label)
     dumped_models = [key_dump(m) for m in study.models]
     model_labels = labels_for(dumped_models, model_label)
-    attack_labels = labels_for(study.attacks)
-    defense_labels = labels_for(study.defenses)
+    attack_labels = study.row_labels("attacks")
+    defense_labels = study.row_labels("defenses")
     train = key_dump(study.train)
     stress = key_dump(study.stress) if study.stress is not None else None
     for data, d_label in zip(dumped_data, data_labels, strict=True):

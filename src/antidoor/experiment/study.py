@@ -6,6 +6,8 @@ datasets: [{name: cifar10-mini, n_train: 1000, n_test: 500}]   # DataConfig keys
 models:   [{name: small_cnn, width: 8}]
 attacks:  [{name: badnets, pratio: 0.1}, {name: blended, pratio: 0.1}]
 defenses: [{name: ft, epochs: 2}, {name: sau, rounds: 5, batch_size: 32}]
+# any attack or defense entry may name its rows: {name: blended, pattern: kitty.png, label: blended-kitty};
+# without a label two entries of one name are told apart as blended#1, blended#2
 seeds:    [0, 1]
 train:    {epochs: 2, lr: 0.05}        # the recipe of the clean and the backdoored models
 device: auto                           # each job's device
@@ -26,7 +28,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
 from antidoor.errors import AntidoorError, excerpt, format_validation_error
@@ -61,6 +63,33 @@ class StudyConfig(BaseModel):
     curves: bool = Field(True, description="record each defense's clean_acc/asr after every round or epoch")
     stress: ModelStressConfig | None = Field(None, description="stress every purified model (RA, QRA, path) and RA the "
                                                                "backdoored and clean models; null: no stress stages")
+    # the entries' own ``label`` keys, taken out before the specs are checked (a label names rows; it is not a
+    # parameter, and is not part of any stage's key): one per entry, None where the entry has none
+    attack_labels: list[str | None] = Field(default_factory=list, exclude=True)
+    defense_labels: list[str | None] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _take_labels(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        for section in ("attacks", "defenses"):
+            if f"{section[:-1]}_labels" in raw:
+                raise ValueError(f"{section[:-1]}_labels: not a study key; give an entry a label with "
+                                 f"{section}: [{{name: ..., label: my-name}}]")
+            entries = raw.get(section)
+            if not isinstance(entries, list):
+                continue
+            labels = [e.get("label") if isinstance(e, dict) else None for e in entries]
+            for i, label in enumerate(labels):
+                if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 64
+                                          or any(c in label for c in "#[]/\\\n")):
+                    raise ValueError(f"{section}[{i}].label {excerpt(label)}: must be a short name (1-64 characters, "
+                                     "no #, [, ], slashes or newlines)")
+            raw[section] = [{k: v for k, v in e.items() if k != "label"} if isinstance(e, dict) else e for e in entries]
+            raw[f"{section[:-1]}_labels"] = labels
+        return raw
 
     @field_validator("attacks")
     @classmethod
@@ -85,6 +114,32 @@ class StudyConfig(BaseModel):
         if len(set(v)) != len(v) or min(v) < 0:
             raise ValueError(f"seeds {excerpt(v)}: must be distinct integers >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> StudyConfig:
+        for section in ("attacks", "defenses"):
+            names = self.row_labels(section)
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"{section}: the label(s) {', '.join(twice)} name two entries; give each its own")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """The study as a YAML-like mapping that :func:`load_study` reads back: entries keep their labels."""
+        raw = self.model_dump()
+        for section, given in (("attacks", self.attack_labels), ("defenses", self.defense_labels)):
+            for entry, label in zip(raw[section], given or [], strict=False):
+                if label is not None:
+                    entry["label"] = label
+        return raw
+
+    def row_labels(self, section: str) -> list[str]:
+        """The rows' names of ``attacks`` or ``defenses``: each entry's label, else its name (``#i`` where two share one)."""
+        entries = self.attacks if section == "attacks" else self.defenses
+        given = (self.attack_labels if section == "attacks" else self.defense_labels) or [None] * len(entries)
+        named = labels_for([e for e, g in zip(entries, given, strict=True) if g is None])
+        it = iter(named)
+        return [g if g is not None else next(it) for g in given]
 
 
 def load_study(path: str | Path | None = None, overrides: list[str] | None = None,

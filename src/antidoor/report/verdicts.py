@@ -26,6 +26,14 @@ VERDICT_RULE = ("Rule: not purified when o_asr exceeds the clean reference's by 
                 "over test images and RA seeds; uncertain when the deciding interval crosses the margin.")
 
 
+def _defense_name(run: dict[str, Any]) -> str:
+    """The registered name of a stress stage's defense (its row label may be the study entry's own ``label``)."""
+    try:
+        return str(json.loads(run["config"])["upstream"]["defense"]["name"])
+    except (KeyError, TypeError, ValueError):
+        return str(run["defense"]).split("#")[0].split("[")[0]
+
+
 def seed_verdicts(store: Store) -> dict[tuple, list[tuple[int, Verdict]]]:
     """Each (dataset, model, attack, defense)'s verdict per seed, judged against that seed's references."""
     folder = store.path.parent
@@ -38,7 +46,7 @@ def seed_verdicts(store: Store) -> dict[tuple, list[tuple[int, Verdict]]]:
             continue
         doc = json.loads(path.read_text())
         name = str(run["defense"])
-        if name.split("#")[0].split("[")[0] == EP:  # in a study EP is one of the defenses; here it is the oracle reference
+        if _defense_name(run) == EP:  # in a study EP is one of the defenses; here it is the oracle reference
             doc["role"] = "oracle reference (EP)"
         groups[(run["dataset"], run["model"], run["attack"], run["seed"])][name] = doc
     per_defense: dict[tuple, list[tuple[int, Verdict]]] = defaultdict(list)
