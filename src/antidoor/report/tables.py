@@ -96,6 +96,11 @@ def curve_rows(store: Store) -> list[dict[str, Any]]:
     return out
 
 
+def label_name(label: object) -> str:
+    """A row label without the ``#i`` that tells two same-named entries apart or a subset's ``[...]``."""
+    return str(label).split("#")[0].split("[")[0]
+
+
 def _first_line(text: str | None) -> str | None:
     return text.strip().splitlines()[0] if text else None
 
@@ -158,9 +163,8 @@ def fmt_value(v: Any, column: str = "") -> str:
             return f"{v:.1f}"
         if is_setting(column):
             return f"{v:g}" if v != int(v) else str(int(v))
-        if column.endswith("_drop"):  # a difference of two rates, in points; negative when the defense gained
-            return f"{100 * v:.1f}%"
-        return f"{100 * v:.1f}%" if 0 <= v <= 1 else f"{v:.3f}"  # rates, der included, in percent
+        # rates (der included) in percent; a *_drop is a difference of two rates, in points, negative when the defense gained
+        return f"{100 * v:.1f}%" if 0 <= v <= 1 or column.endswith("_drop") else f"{v:.3f}"
     return str(v)
 
 

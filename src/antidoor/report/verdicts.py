@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from antidoor.experiment.store import Store
-from antidoor.report.tables import latest_runs
+from antidoor.report.tables import label_name, latest_runs
 from antidoor.stress.verdict import Verdict, judge
 
 EP = "ep"
@@ -31,7 +31,7 @@ def _defense_name(run: dict[str, Any]) -> str:
     try:
         return str(json.loads(run["config"])["upstream"]["defense"]["name"])
     except (KeyError, TypeError, ValueError):
-        return str(run["defense"]).split("#")[0].split("[")[0]
+        return label_name(run["defense"])
 
 
 def seed_verdicts(store: Store) -> dict[tuple, list[tuple[int, Verdict]]]:
