@@ -147,6 +147,34 @@ def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
     assert "no study store" in line
 
 
+def test_results_filter_matches_a_label_or_its_registered_name(tmp_path: Path) -> None:
+    """``results --attack blended`` finds an entry labelled ``blended-digit`` (its runs' configs say ``blended``)."""
+    from antidoor.report.tables import registered_names
+
+    with Store(tmp_path / STORE_NAME) as store:
+        attack = {"attack": {"name": "blended", "alpha": 0.2}, "stage": "attack"}
+        for stage, defense, cfg in (("attack", None, attack),
+                                    ("purify", "ft-long", {"defense": {"name": "ft"}, "upstream": attack}),
+                                    ("stress", "ft-long", {"upstream": {"defense": {"name": "ft"}, "upstream": attack}})):
+            rid = store.start(f"k-{stage}", stage, cfg, {"dataset": "d", "model": "m", "attack": "blended-digit",
+                                                         "defense": defense, "seed": 0})
+            store.finish(rid, [Metric(stage, "asr", 0.5)])
+        names = registered_names(store)
+        rows = result_rows(store)
+    assert names == {("attack", "blended-digit"): "blended", ("defense", "ft-long"): "ft"}
+    assert {r["defense"] for r in rows} == {"none", "ft-long"}
+    assert filter_rows(rows, attack=["blended"]) == []  # labels alone do not know the entry's name
+    assert filter_rows(rows, attack=["blended"], names=names) == rows
+    assert [r["defense"] for r in filter_rows(rows, defense=["ft"], names=names)] == ["ft-long"]
+    assert filter_rows(rows, attack=["badnets"], names=names) == []
+    from typer.testing import CliRunner
+
+    from antidoor.cli import app
+
+    out = CliRunner().invoke(app, ["results", str(tmp_path), "--attack", "blended", "--defense", "ft", "--format", "csv"])
+    assert out.exit_code == 0 and out.stdout.count("blended-digit") == 1 and "ft-long" in out.stdout
+
+
 # -- the store ---------------------------------------------------------------------------------------------
 
 WRITER = textwrap.dedent("""
@@ -219,16 +247,43 @@ def test_resume_reruns_nothing_finished_and_extends_a_study(inline_study: Path, 
     with pytest.raises(AntidoorError, match="--resume"):
         run_grid(load_study(base=TINY), folder)
     before = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    with Store(folder / STORE_NAME) as store:  # a stage a killed grid left running, under settings no longer studied
+        store.start("old-settings", "purify", {}, {"attack": "badnets", "defense": "ft", "seed": 0})
     # one more defense: only its stage runs; the failed one is tried again (and fails again)
     study = load_study(base={**TINY, "defenses": [*TINY["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}]})
     summary = run_grid(study, folder, resume=True)
     assert (summary.reused, summary.done, summary.failed) == (3, 1, 1)
     after = {r["key"]: r for r in Store(folder / STORE_NAME).runs()}
+    assert after["old-settings"]["status"] == "failed" and after["old-settings"]["error"].startswith("interrupted")
     for key, r in before.items():
         if r["status"] == "done":
             assert (after[key]["finished"], after[key]["attempts"]) == (r["finished"], 1)
         else:
             assert after[key]["attempts"] == 2
+
+
+def test_resume_refuses_a_trigger_file_changed_since_the_study_used_it(tmp_path: Path) -> None:
+    """A stage's key holds a Blended pattern's path, not its content: an image edited in place is refused on resume."""
+    from PIL import Image
+
+    pattern = tmp_path / "pattern.png"
+    Image.new("RGB", (8, 8), (250, 10, 10)).save(pattern)
+    study = load_study(base={**TINY, "attacks": [{"name": "blended", "pattern": str(pattern)}], "defenses": []})
+    folder = tmp_path / "study"
+    assert run_grid(study, folder).failed == 0
+    with Store(folder / STORE_NAME) as store:
+        recorded = store.get_meta("trigger_files")
+    assert list(recorded) == [str(pattern)]
+    again = run_grid(study, folder, resume=True)  # unchanged: nothing to run
+    assert (again.reused, again.done) == (2, 0)
+    original = pattern.read_bytes()
+    Image.new("RGB", (8, 8), (10, 250, 10)).save(pattern)
+    with pytest.raises(AntidoorError, match=r"blended.pattern .*changed since this study first used it"):
+        run_grid(study, folder, resume=True)
+    with Store(folder / STORE_NAME) as store:
+        assert store.get_meta("trigger_files") == recorded and {r["status"] for r in store.runs()} == {"done"}
+    pattern.write_bytes(original)
+    assert run_grid(study, folder, resume=True).reused == 2
 
 
 def test_resume_without_checkpoints_reruns_only_what_a_stage_left_to_run_needs(inline_study: Path, tmp_path: Path) -> None:

@@ -500,7 +500,7 @@ def grid(
 def results(
     folder: Path = typer.Argument(..., help="a study folder (or its study.sqlite)"),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv, markdown or json"),
-    attack_: list[str] = typer.Option(None, "--attack", help="only these attacks (repeatable)"),
+    attack_: list[str] = typer.Option(None, "--attack", help="only these attacks: a row label or a registered name (repeatable)"),
     defense: list[str] = typer.Option(None, "--defense",
                                       help="only these defenses (repeatable; none = backdoored, clean = reference)"),
     dataset: list[str] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
@@ -513,12 +513,21 @@ def results(
     from rich.markup import escape
 
     from antidoor.experiment import Store
-    from antidoor.report.tables import FORMATS, aggregate, cell, display_columns, filter_rows, render, result_rows
+    from antidoor.report.tables import (
+        FORMATS,
+        aggregate,
+        cell,
+        display_columns,
+        filter_rows,
+        registered_names,
+        render,
+        result_rows,
+    )
 
     if fmt not in FORMATS:
         raise AntidoorError(f"--format {fmt!r}: unknown; allowed: {', '.join(FORMATS)}")
     with Store(_study_store(folder), readonly=True) as store:
-        rows = filter_rows(result_rows(store), attack_, defense, dataset)
+        rows = filter_rows(result_rows(store), attack_, defense, dataset, names=registered_names(store))
     if mean:
         rows = aggregate(rows)
     if fmt != "table":

@@ -114,7 +114,14 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     if status and not resume:
         raise AntidoorError(f"{out} already holds a study ({len(status)} stage runs); continue it with --resume "
                             "or choose another --out")
+    files = _check_trigger_files(study, store)
     store.set_meta("study", study.dump())  # with the entries' labels: `--resume` without the YAML names rows alike
+    store.set_meta(TRIGGER_FILES, files)
+    planned = {s.key for s in stages}
+    orphans = [k for k, st in status.items() if st == "running" and k not in planned]
+    if orphans:  # left 'running' by a grid that was killed, under settings the study no longer has: nothing will rerun them
+        store.invalidate(orphans, "interrupted: the grid running it ended before it finished, and the study no longer "
+                                  "has this stage's settings")
     (out / STOP_NAME).unlink(missing_ok=True)  # left by an earlier stop (we hold the lock): this run starts afresh
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)
@@ -153,6 +160,30 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
                                    store))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+TRIGGER_FILES = "trigger_files"  # the store's record of each attack file's sha256, path -> digest
+
+
+def _check_trigger_files(study: StudyConfig, store: Store) -> dict[str, str]:
+    """The sha256 of every file an attack entry names (a Blended ``pattern``, a patch ``image``), with those the store
+    recorded before. A stage's key holds the file's path, not its content: an image edited in place would mix two
+    triggers in one study, so a resumed study whose file changed is refused before anything is written."""
+    import hashlib
+
+    known = store.get_meta(TRIGGER_FILES) or {}
+    files = dict(known)
+    for spec in study.attacks:
+        for key, value in spec.items():
+            if isinstance(value, str) and Path(value).is_file():
+                digest = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+                if known.get(value, digest) != digest:
+                    raise AntidoorError(
+                        f"attacks: {spec['name']}.{key} {value!r} changed since this study first used it (sha256 "
+                        f"{known[value][:12]}... then, {digest[:12]}... now); its finished stages used the old image. "
+                        "Restore the file, or save the new image under another name to study it as a new attack")
+                files[value] = digest
+    return files
 
 
 RESULT_METRICS = ("clean_acc", "asr", "robust_acc")  # what a stage run again must reproduce for its consumers to stand

@@ -251,8 +251,9 @@ class Store:
             _mark_failed(c, c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0], error)
 
     def invalidate(self, keys: Iterable[str], reason: str) -> None:
-        """Finished stages whose upstream checkpoint changed: recorded as failed with ``reason`` and their
-        results removed, so no table shows them and every later run (``--resume``) runs them again."""
+        """Record stages as failed with ``reason``, their results removed, so no table shows them and every later
+        run (``--resume``) that still plans them runs them again: finished stages whose upstream checkpoint changed,
+        or stages a killed grid left 'running' under settings the study no longer has."""
         with self.transaction() as c:
             for key in keys:
                 row = c.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()

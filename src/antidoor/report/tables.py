@@ -105,18 +105,45 @@ def _first_line(text: str | None) -> str | None:
     return text.strip().splitlines()[0] if text else None
 
 
-def filter_rows(rows: list[dict[str, Any]], attack: list[str] | None = None, defense: list[str] | None = None,
-                dataset: list[str] | None = None, model: list[str] | None = None) -> list[dict[str, Any]]:
-    """Keep rows whose label is among the given ones (a label matches its name with or without ``#i``/``[...]``)."""
+def registered_names(store: Store) -> dict[tuple[str, str], str]:
+    """The registered name behind each attack and defense row label, ``(field, label) -> name``, from the runs' configs
+    (a study entry's ``label`` names its rows, e.g. ``blended-digit`` for a ``blended`` entry)."""
 
-    def ok(value: Any, wanted: list[str] | None) -> bool:
+    def section(cfg: Any, field: str) -> Any:
+        while isinstance(cfg, dict):  # a stage's config nests its upstream stages' configs
+            if isinstance(cfg.get(field), dict):
+                return cfg[field]
+            cfg = cfg.get("upstream")
+        return None
+
+    names: dict[tuple[str, str], str] = {}
+    for run in store.runs():
+        try:
+            cfg = json.loads(run["config"])
+        except (TypeError, ValueError):
+            continue
+        for field in ("attack", "defense"):
+            spec = section(cfg, field)
+            if run[field] is not None and isinstance(spec, dict) and "name" in spec:
+                names.setdefault((field, str(run[field])), str(spec["name"]))
+    return names
+
+
+def filter_rows(rows: list[dict[str, Any]], attack: list[str] | None = None, defense: list[str] | None = None,
+                dataset: list[str] | None = None, model: list[str] | None = None,
+                names: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """Keep rows whose label is among the given ones. A label matches its name with or without ``#i``/``[...]``,
+    and, given ``names`` (:func:`registered_names`), the registered attack or defense behind it."""
+    names = names or {}
+
+    def ok(field: str, value: Any, wanted: list[str] | None) -> bool:
         if not wanted:
             return True
         v = str(value)
-        return any(v == w or v.split("#")[0] == w or v.split("[")[0] == w for w in wanted)
+        return any(v == w or v.split("#")[0] == w or v.split("[")[0] == w or names.get((field, v)) == w for w in wanted)
 
-    return [r for r in rows if ok(r["attack"], attack) and ok(r["defense"], defense) and ok(r["dataset"], dataset)
-            and ok(r["model"], model)]
+    return [r for r in rows if ok("attack", r["attack"], attack) and ok("defense", r["defense"], defense)
+            and ok("dataset", r["dataset"], dataset) and ok("model", r["model"], model)]
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
