@@ -33,13 +33,11 @@ import torch
 
 from antidoor.checkpoint import load_checkpoint
 from antidoor.data.splits import stratified_subset
-from antidoor.defenses.sau import SAUParams, shared_adversarial_examples
+from antidoor.defenses.sau import SAUParams, shared_adversarial_predictions
 from antidoor.metrics import predict
 from antidoor.models import frozen_copy
 from antidoor.pipeline import Scenario
-from antidoor.precision import autocast
-from antidoor.train import batches
-from antidoor.utils import atomic_write_json, generator_for
+from antidoor.utils import atomic_write_json
 
 # (name, SAU maximisation parameters): SAU's default first, then finer searches of the same box
 SEARCHES: list[tuple[str, dict[str, Any]]] = [
@@ -53,19 +51,9 @@ SEARCHES: list[tuple[str, dict[str, Any]]] = [
 def search(f: torch.nn.Module, f_ref: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, target: int,
            params: SAUParams, seed: int) -> dict[str, float]:
     """Share of images where the maximisation finds a shared adversarial example, and where it is the target."""
-    g = generator_for(images.device, seed)
-    amp = autocast(images.device, params.amp)  # as SAU runs it
-    shared = to_target = 0
-    for x, y, _ in batches(images, labels, params.batch_size, g, shuffle=False, drop_last=False):
-        with torch.no_grad(), amp:
-            y0, y0_ref = f(x).argmax(1), f_ref(x).argmax(1)
-        delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, params, g)
-        with torch.no_grad(), amp:
-            pred, pred_ref = f(x + delta).argmax(1), f_ref(x + delta).argmax(1)
-        ok = (pred != y0) & (pred_ref != y0_ref) & (pred == pred_ref)
-        shared += int(ok.sum())
-        to_target += int((ok & (pred == target)).sum())
-    return {"shared_rate": shared / len(images), "shared_target_rate": to_target / len(images)}
+    shared, classes = shared_adversarial_predictions(f, f_ref, images, labels, params, seed)
+    to_target = shared & (classes == target)
+    return {"shared_rate": float(shared.float().mean()), "shared_target_rate": float(to_target.float().mean())}
 
 
 def main() -> None:

@@ -12,8 +12,15 @@ import torch
 
 from antidoor.defenses import DEFENSES, DefenderData, Defense, purify
 from antidoor.defenses.base import validate_defense_spec
-from antidoor.defenses.sau import SAUParams, js_divergence, shared_adversarial_examples, shared_adversarial_rate
+from antidoor.defenses.sau import (
+    SAUParams,
+    js_divergence,
+    shared_adversarial_examples,
+    shared_adversarial_predictions,
+    shared_adversarial_rate,
+)
 from antidoor.errors import AntidoorError
+from antidoor.metrics import predict
 from antidoor.models import MODELS, build_model, frozen_copy
 
 # SAU's official lr 1e-4 needs about a thousand steps; the session model's defender set has 80
@@ -159,6 +166,12 @@ def test_shared_adversarial_rate_is_a_rate_and_drops_after_sau(badnets_run, defe
     after = shared_adversarial_rate(purify(model, defender, "sau", seed=0, **FAST_SAU), ref, defender.x_val, defender.y_val, p)
     assert 0 <= after < before <= 1
     assert before == shared_adversarial_rate(model, ref, defender.x_val, defender.y_val, p)
+    # per image: the shared mask the rate counts, and the class both models give the shared examples
+    shared, classes = shared_adversarial_predictions(model, ref, defender.x_val, defender.y_val, p)
+    assert shared.shape == classes.shape == defender.y_val.shape and shared.dtype == torch.bool
+    assert int(shared.sum()) / len(shared) == before
+    clean = predict(model, defender.x_val, p.batch_size)  # the batches and precision the search used
+    assert not (classes[shared] == clean[shared]).any()  # a shared example leaves the clean prediction
 
 
 def test_ep_without_poisoned_samples_fails_clearly(badnets_run, defender):

@@ -167,6 +167,28 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None
     return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
 
 
+def shared_adversarial_predictions(f: nn.Module, f_ref: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: SAUParams,
+                                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (clean, uint8) image: whether SAU's maximisation finds a shared adversarial example for it, and the
+    class ``f`` gives the perturbed image (the shared class where it is shared). Both on ``images``' device."""
+    f_eval, f_ref_eval = f.training, f_ref.training
+    f.eval(), f_ref.eval()
+    g = generator_for(images.device, seed)
+    shared, classes = [], []
+    amp = autocast(images.device, p.amp)
+    for x, y, _ in batches(images, labels, p.batch_size, g, shuffle=False, drop_last=False):
+        with torch.no_grad(), amp:
+            y0, y0_ref = f(x).argmax(1), f_ref(x).argmax(1)
+        delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, p, g)
+        with torch.no_grad(), amp:
+            pred, pred_ref = f(x + delta).argmax(1), f_ref(x + delta).argmax(1)
+        shared.append((pred != y0) & (pred_ref != y0_ref) & (pred == pred_ref))
+        classes.append(pred)
+    f.train(f_eval), f_ref.train(f_ref_eval)
+    empty = torch.empty(0, dtype=torch.long, device=images.device)
+    return (torch.cat(shared) if shared else empty.bool()), (torch.cat(classes) if classes else empty)
+
+
 def shared_adversarial_rate(f: nn.Module, f_ref: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: SAUParams,
                             seed: int = 0) -> float:
     """Share of (clean, uint8) images for which SAU's maximisation finds a shared adversarial example.
@@ -175,20 +197,8 @@ def shared_adversarial_rate(f: nn.Module, f_ref: nn.Module, images: torch.Tensor
     bounds the backdoor risk by this shared adversarial risk, so the defender can compare settings
     on their own validation images with it, without knowing the trigger (``benchmarks/sau_quality.py``).
     """
-    f_eval, f_ref_eval = f.training, f_ref.training
-    f.eval(), f_ref.eval()
-    g = generator_for(images.device, seed)
-    shared = 0
-    amp = autocast(images.device, p.amp)
-    for x, y, _ in batches(images, labels, p.batch_size, g, shuffle=False, drop_last=False):
-        with torch.no_grad(), amp:
-            y0, y0_ref = f(x).argmax(1), f_ref(x).argmax(1)
-        delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, p, g)
-        with torch.no_grad(), amp:
-            pred, pred_ref = f(x + delta).argmax(1), f_ref(x + delta).argmax(1)
-        shared += int(((pred != y0) & (pred_ref != y0_ref) & (pred == pred_ref)).sum())
-    f.train(f_eval), f_ref.train(f_ref_eval)
-    return shared / max(1, len(images))
+    shared, _ = shared_adversarial_predictions(f, f_ref, images, labels, p, seed)
+    return int(shared.sum()) / max(1, len(images))
 
 
 @DEFENSES.register("sau")
