@@ -105,27 +105,30 @@ def _first_line(text: str | None) -> str | None:
     return text.strip().splitlines()[0] if text else None
 
 
+def registered_name(run: dict[str, Any], field: str) -> str | None:
+    """The registered ``attack`` or ``defense`` name in a stage run's config (its row label may be a study entry's
+    own ``label``), or None where the config names none."""
+    try:
+        cfg = json.loads(run["config"])
+    except (TypeError, ValueError):
+        return None
+    while isinstance(cfg, dict):  # a stage's config nests its upstream stages' configs
+        spec = cfg.get(field)
+        if isinstance(spec, dict):
+            return str(spec["name"]) if "name" in spec else None
+        cfg = cfg.get("upstream")
+    return None
+
+
 def registered_names(store: Store) -> dict[tuple[str, str], str]:
     """The registered name behind each attack and defense row label, ``(field, label) -> name``, from the runs' configs
     (a study entry's ``label`` names its rows, e.g. ``blended-digit`` for a ``blended`` entry)."""
-
-    def section(cfg: Any, field: str) -> Any:
-        while isinstance(cfg, dict):  # a stage's config nests its upstream stages' configs
-            if isinstance(cfg.get(field), dict):
-                return cfg[field]
-            cfg = cfg.get("upstream")
-        return None
-
     names: dict[tuple[str, str], str] = {}
     for run in store.runs():
-        try:
-            cfg = json.loads(run["config"])
-        except (TypeError, ValueError):
-            continue
         for field in ("attack", "defense"):
-            spec = section(cfg, field)
-            if run[field] is not None and isinstance(spec, dict) and "name" in spec:
-                names.setdefault((field, str(run[field])), str(spec["name"]))
+            name = registered_name(run, field) if run[field] is not None else None
+            if name is not None:
+                names.setdefault((field, str(run[field])), name)
     return names
 
 

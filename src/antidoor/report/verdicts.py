@@ -14,7 +14,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from antidoor.experiment.store import Store
-from antidoor.report.tables import label_name, latest_runs
+from antidoor.report.tables import label_name, latest_runs, registered_name
 from antidoor.stress.verdict import Verdict, judge
 
 EP = "ep"
@@ -28,10 +28,7 @@ VERDICT_RULE = ("Rule: not purified when o_asr exceeds the clean reference's by 
 
 def _defense_name(run: dict[str, Any]) -> str:
     """The registered name of a stress stage's defense (its row label may be the study entry's own ``label``)."""
-    try:
-        return str(json.loads(run["config"])["upstream"]["defense"]["name"])
-    except (KeyError, TypeError, ValueError):
-        return label_name(run["defense"])
+    return registered_name(run, "defense") or label_name(run["defense"])
 
 
 def seed_verdicts(store: Store) -> dict[tuple, list[tuple[int, Verdict]]]:
