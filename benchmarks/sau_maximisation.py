@@ -33,7 +33,7 @@ import torch
 
 from antidoor.checkpoint import load_checkpoint
 from antidoor.data.splits import stratified_subset
-from antidoor.defenses.sau import SAUParams, shared_adversarial_predictions
+from antidoor.defenses.sau import SAUParams, is_shared, shared_adversarial_predictions
 from antidoor.metrics import predict
 from antidoor.models import frozen_copy
 from antidoor.pipeline import Scenario
@@ -82,7 +82,7 @@ def main() -> None:
         xt = attack.apply(xf)
         pred_c, pred_rc = predict(f, xf, 256), predict(f_ref, xf, 256)
         pred_t, pred_rt = predict(f, xt, 256), predict(f_ref, xt, 256)
-        shared_t = (pred_t != pred_c) & (pred_rt != pred_rc) & (pred_t == pred_rt)
+        shared_t = is_shared(pred_t, pred_rt, pred_c, pred_rc)
         row: dict[str, Any] = {
             "purified": str(path), "backdoored": str(parent), "attack": attack.spec(), "test_images": len(x),
             "validation_images": len(data.x_val), "asr_purified": float((pred_t == attack.target).float().mean()),

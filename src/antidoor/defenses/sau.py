@@ -167,6 +167,11 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None
     return p.lambda_1 * F.cross_entropy(logits, y) + p.lambda_2 * F.cross_entropy(adv_logits, y) + p.lambda_3 * loss_shared
 
 
+def is_shared(pred: torch.Tensor, pred_ref: torch.Tensor, y0: torch.Tensor, y0_ref: torch.Tensor) -> torch.Tensor:
+    """Shared adversarial: both models leave their clean predictions ``y0``/``y0_ref`` and agree on the new class."""
+    return (pred != y0) & (pred_ref != y0_ref) & (pred == pred_ref)
+
+
 def shared_adversarial_predictions(f: nn.Module, f_ref: nn.Module, images: torch.Tensor, labels: torch.Tensor, p: SAUParams,
                                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (clean, uint8) image: whether SAU's maximisation finds a shared adversarial example for it, and the
@@ -182,7 +187,7 @@ def shared_adversarial_predictions(f: nn.Module, f_ref: nn.Module, images: torch
         delta = shared_adversarial_examples(f, f_ref, x, y, y0, y0_ref, p, g)
         with torch.no_grad(), amp:
             pred, pred_ref = f(x + delta).argmax(1), f_ref(x + delta).argmax(1)
-        shared.append((pred != y0) & (pred_ref != y0_ref) & (pred == pred_ref))
+        shared.append(is_shared(pred, pred_ref, y0, y0_ref))
         classes.append(pred)
     f.train(f_eval), f_ref.train(f_ref_eval)
     empty = torch.empty(0, dtype=torch.long, device=images.device)
