@@ -264,7 +264,7 @@ def test_bad_parameters_name_the_parameter(name: str, key: str, value: object, m
 
 
 def test_trojannn_patch_must_fit_and_lc_needs_room_for_corners() -> None:
-    with pytest.raises(AntidoorError, match=r"attack\.patch_size 40 does not fit 32x32"):
+    with pytest.raises(AntidoorError, match=r"attack\.patch_size 40 does not fit 32x32 images; allowed: 1\.\.32"):
         create_attack({"name": "trojannn", "patch_size": 40}, (3, 32, 32), 10)
     with pytest.raises(AntidoorError, match="at least 6x6"):
         create_attack({"name": "lc"}, (3, 5, 5), 10)

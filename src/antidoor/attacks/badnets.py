@@ -20,6 +20,7 @@ import torch
 from pydantic import Field
 
 from antidoor.attacks.base import ATTACKS, Attack, AttackParams
+from antidoor.errors import AntidoorError
 
 
 class BadNetsParams(AttackParams):
@@ -38,9 +39,7 @@ class BadNets(Attack):
         c, h, w = self.image_shape
         k = self.params.patch_size
         if k > min(h, w):
-            from antidoor.errors import AntidoorError
-
-            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images")
+            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images; allowed: 1..{min(h, w)}")
         mask = torch.zeros(1, h, w)
         rows = slice(h - k, h) if "bottom" in self.params.position else slice(0, k)
         cols = slice(w - k, w) if "right" in self.params.position else slice(0, k)

@@ -55,7 +55,7 @@ class TrojanNN(Attack):
         c, h, w = self.image_shape
         k = self.params.patch_size
         if k > min(h, w):
-            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images")
+            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images; allowed: 1..{min(h, w)}")
         mask = torch.zeros(1, h, w)
         mask[:, h - k:, w - k:] = 1
         return {"mask": mask, "pattern": torch.rand(c, h, w, generator=generator) * mask}
