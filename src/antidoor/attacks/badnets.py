@@ -14,18 +14,15 @@ image, and 500 poisoned images are too few to learn every position.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
-from antidoor.attacks.base import ATTACKS, Attack, AttackParams
-from antidoor.errors import AntidoorError
+from antidoor.attacks.base import ATTACKS, Attack, AttackParams, Corner, corner_mask
 
 
 class BadNetsParams(AttackParams):
     patch_size: int = Field(3, ge=1, description="side of the square patch in pixels")
-    position: Literal["bottom_right", "top_left", "top_right", "bottom_left"] = "bottom_right"
+    position: Corner = "bottom_right"
     value: float = Field(1.0, ge=0, le=1, description="patch intensity in [0, 1] (1 = white)")
 
 
@@ -36,15 +33,8 @@ class BadNets(Attack):
     params: BadNetsParams
 
     def build(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        c, h, w = self.image_shape
-        k = self.params.patch_size
-        if k > min(h, w):
-            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images; allowed: 1..{min(h, w)}")
-        mask = torch.zeros(1, h, w)
-        rows = slice(h - k, h) if "bottom" in self.params.position else slice(0, k)
-        cols = slice(w - k, w) if "right" in self.params.position else slice(0, k)
-        mask[:, rows, cols] = 1
-        return {"mask": mask, "pattern": torch.full((c, h, w), self.params.value) * mask}
+        mask = corner_mask(self.params.patch_size, self.image_shape, self.params.position)
+        return {"mask": mask, "pattern": torch.full(self.image_shape, self.params.value) * mask}
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         mask, pattern = self.tensors["mask"], self.tensors["pattern"]

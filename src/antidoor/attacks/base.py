@@ -46,6 +46,21 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return x.mul(255).round_().div_(255)
 
 
+Corner = Literal["bottom_right", "top_left", "top_right", "bottom_left"]
+
+
+def corner_mask(size: int, image_shape: tuple[int, int, int], corner: Corner = "bottom_right") -> torch.Tensor:
+    """A (1, H, W) mask of ones on a ``size`` x ``size`` square in one corner; ``attack.patch_size`` must fit."""
+    _, h, w = image_shape
+    if size > min(h, w):
+        raise AntidoorError(f"attack.patch_size {size} does not fit {h}x{w} images; allowed: 1..{min(h, w)}")
+    mask = torch.zeros(1, h, w)
+    rows = slice(h - size, h) if corner.startswith("bottom") else slice(0, size)
+    cols = slice(w - size, w) if corner.endswith("right") else slice(0, size)
+    mask[:, rows, cols] = 1
+    return mask
+
+
 @dataclass
 class AttackerData:
     """What an attack may fit its trigger on: the training set it poisons (never the test split).

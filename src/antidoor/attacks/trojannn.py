@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from antidoor.attacks.base import ATTACKS, Attack, AttackerData
+from antidoor.attacks.base import ATTACKS, Attack, AttackerData, corner_mask
 from antidoor.attacks.surrogate import SurrogateParams, train_surrogate
 from antidoor.errors import AntidoorError
 
@@ -52,13 +52,8 @@ class TrojanNN(Attack):
     params: TrojanNNParams
 
     def build(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        c, h, w = self.image_shape
-        k = self.params.patch_size
-        if k > min(h, w):
-            raise AntidoorError(f"attack.patch_size {k} does not fit {h}x{w} images; allowed: 1..{min(h, w)}")
-        mask = torch.zeros(1, h, w)
-        mask[:, h - k:, w - k:] = 1
-        return {"mask": mask, "pattern": torch.rand(c, h, w, generator=generator) * mask}
+        mask = corner_mask(self.params.patch_size, self.image_shape)
+        return {"mask": mask, "pattern": torch.rand(self.image_shape, generator=generator) * mask}
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         mask, pattern = self.tensors["mask"], self.tensors["pattern"]
