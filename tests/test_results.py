@@ -33,6 +33,19 @@ def test_resumed_study_shows_each_stages_latest_attempt(resumed_store):
     assert not any("did not finish" in n for n in report.notes)
 
 
+def test_report_names_the_seeds_the_store_holds_not_only_the_last_runs_plan(tmp_path):
+    """A study resumed for one seed (``--set seeds=[2]``) records that subset as its config; the report still says
+    which seeds its tables hold."""
+    with Store(tmp_path / STORE_NAME) as store:
+        for seed in (0, 2):
+            run = store.start(f"key-{seed}", "purify", {}, {**LABELS, "seed": seed})
+            store.finish(run, [Metric("purify", "clean_acc", 0.8)])
+        store.set_meta("study", {"name": "s", "seeds": [2], "device": "cpu"})
+        assert build_report(store).summary[1] == "seeds: 0, 2 (the last grid run planned 2); device: cpu"
+        store.set_meta("study", {"name": "s", "seeds": [2, 0], "device": "cpu"})
+        assert build_report(store).summary[1] == "seeds: 0, 2; device: cpu"
+
+
 def test_rates_and_der_in_percent():
     assert fmt_value(0.93, "der") == "93.0%" and fmt_value(0.5, "asr") == "50.0%" and fmt_value(12.3, "seconds") == "12.3"
     # a defense's chosen setting is a number, not a rate; its accuracies stay rates

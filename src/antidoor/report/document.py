@@ -25,6 +25,16 @@ class Report:
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # first on the page (antidoor.report.verdicts)
 
 
+def _seeds_line(runs: list[dict[str, Any]], planned: object) -> str:
+    """The seeds the store holds runs for; the last run's planned seeds too where they differ (a study resumed
+    with ``--set seeds=[2]`` records that subset as its config, while the store holds every seed run before)."""
+    measured = sorted({r["seed"] for r in runs if r["seed"] is not None})
+    line = f"seeds: {', '.join(map(str, measured)) or 'none'}"
+    if isinstance(planned, list) and sorted(planned) != measured:
+        line += f" (the last grid run planned {', '.join(map(str, planned))})"
+    return line
+
+
 def build_report(store: Store) -> Report:
     rows = result_rows(store)
     agg = aggregate(rows)
@@ -33,7 +43,7 @@ def build_report(store: Store) -> Report:
     failed = [r for r in rows if r["status"] != "done"]
     summary = [f"{len(runs)} stage runs: " + ", ".join(f"{sum(r['status'] == s for r in runs)} {s}"
                                                        for s in ("done", "failed", "running")),
-               f"seeds: {study.get('seeds', '?')}; device: {study.get('device', '?')}",
+               f"{_seeds_line(runs, study.get('seeds'))}; device: {study.get('device', '?')}",
                f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
     commits = sorted({r["git_commit"] for r in runs if r["git_commit"]})
     if commits:
