@@ -345,6 +345,34 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
 
 
+@pytest.mark.parametrize("badnets_left_open", [False, True])
+def test_a_clean_model_that_changes_on_rerun_spares_the_complete_blocks_built_on_it(tmp_path: Path,
+                                                                                   badnets_left_open: bool) -> None:
+    """The clean model is shared by every attack of a seed. Retrained on another CPU for a new attack's block, it does
+    not come back the same; BadNets' complete block was measured against the old one throughout and keeps its results,
+    unless a stage of its own is still to run (a new defense), which would mix the two models: then it reruns whole."""
+    one_block = {**TINY, "defenses": TINY["defenses"][:1]}
+    folder = tmp_path / "study"
+    run_grid(load_study(base=one_block), folder)
+    with Store(folder / STORE_NAME) as store:
+        badnets = {r["key"] for r in store.runs() if r["attack"] == "badnets"}  # its attack, FT and nothing else
+    for ckpt in (folder / "artifacts").rglob("*.safetensors"):
+        ckpt.unlink()
+    with sqlite3.connect(folder / STORE_NAME) as db:  # a recorded value that retraining cannot reproduce
+        db.execute("UPDATE metrics SET value = value - 0.01 WHERE stage = 'clean' AND name = 'clean_acc' "
+                   "AND step IS NULL AND run_id = (SELECT id FROM runs WHERE stage = 'clean')")
+    defenses = [*one_block["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}] if badnets_left_open else \
+        one_block["defenses"]
+    extended = {**one_block, "defenses": defenses,
+                "attacks": [*one_block["attacks"], {"name": "blended", "pratio": 0.1}]}
+    summary = run_grid(load_study(base=extended), folder, resume=True)
+    assert summary.failed == 0
+    with Store(folder / STORE_NAME) as store:
+        runs = [r for r in store.runs() if r["status"] == "done"]
+    assert {r["stage"]: r["attempts"] for r in runs if r["attack"] != "badnets"} == {"clean": 2, "attack": 1, "purify": 1}
+    assert sorted(r["attempts"] for r in runs if r["key"] in badnets) == [2 if badnets_left_open else 1] * 2
+
+
 def test_stale_results_are_recorded_at_once_and_rerun_after_a_stop(inline_study: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The grid stops right after the changed rerun: the stale purification is already recorded as failed

@@ -6,7 +6,9 @@ upstream failed is recorded as failed with the reason and is not run; every othe
 With ``resume`` nothing that finished (status ``done`` and its checkpoint on disk) runs again;
 stages left ``running`` by a killed grid, and failed ones, are run again. A finished stage whose
 checkpoint is gone runs again only when a stage still to run needs that checkpoint, so a study's
-store and stress results committed without their checkpoints resume where they stopped. One driver per study
+store and stress results committed without their checkpoints resume where they stopped; where that
+rerun does not reproduce its results (another CPU), the finished stages of its incomplete
+(attack, seed) blocks run again too, so no block mixes two models, while complete blocks stay. One driver per study
 folder at a time (the workers may be many): :func:`driver_lock`. ``touch FOLDER/STOP`` during a run ends it
 gracefully: the stages in flight finish and are recorded, no new one starts, and ``--resume`` goes on.
 """
@@ -200,10 +202,19 @@ def _recorded(store: Store, keys: set[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _block(stage: Stage) -> tuple[object, ...]:
+    """The rows a stage's results land in: one (dataset, model, attack, seed); the clean model's stage has no attack."""
+    return tuple(stage.labels.get(k) for k in ("dataset", "model", "attack", "seed"))
+
+
 def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], store: Store) -> Callable[[Stage], list[Stage]]:
     """For a finished stage run again (its checkpoint was gone): when it does not reproduce its recorded
     results (another CPU's kernels, changed code), the finished stages built on the old checkpoint are
-    stale; they are returned, in plan order, to run again. Same machine and code: same numbers, nothing."""
+    stale where their (dataset, model, attack, seed) block still has stages to run, which would be built
+    on the new one; they are returned, in plan order, to run again. A complete block keeps its results:
+    its rows were all measured against the old checkpoint and nothing left to run joins them (the clean
+    model, retrained for another attack's block, is the case). Same machine and code: same numbers, nothing.
+    ``finished`` is the scheduler's own set, read when a rerun finishes."""
     recorded = _recorded(store, reruns)
     consumers: dict[str, list[Stage]] = {}
     for s in stages:
@@ -223,16 +234,21 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
                 if c.key not in seen:
                     seen.add(c.key)
                     todo.append(c.key)
-        downstream = [s for s in stages if s.key in seen and s.key in finished]
+        built_on = [s for s in stages if s.key in seen and s.key in finished]
+        open_blocks = {_block(s) for s in stages if s.key not in finished}
+        downstream = [s for s in built_on if _block(s) in open_blocks]
         changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
         what = (f"{stage.describe()} ran again and did not reproduce its recorded results "
                 f"({'; '.join(changed[:3]) or 'metrics differ'})")
+        if len(built_on) > len(downstream):
+            info(f"{what}: {len(built_on) - len(downstream)} finished stage(s) built on the old checkpoint keep their "
+                 "results, their (attack, seed) blocks being complete")
         if downstream:
             warn(f"{what}: {len(downstream)} finished stage(s) built on the old checkpoint run again too")
             # recorded at once, so a grid stopped before they rerun leaves no stale result standing
             store.invalidate([s.key for s in downstream], f"stale: built on the checkpoint of {stage.describe()} before "
                              "it ran again and changed; runs again on --resume")
-        else:
+        elif not built_on:
             info(f"{what}; no finished stage was built on it")
         return downstream
 
