@@ -112,8 +112,9 @@ def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
     inversion) is the one RA stamps and asr is measured under; the verdict comes out of it the same way.
 
     Which class the inversion finds is not asserted: on this 4-epoch model a 2-epoch inversion of the
-    bf16-trained fixture finds class 5, a universal perturbation that moves the clean model too (BTI-DBF
-    picks the wrong class on weak models; the inverted-trigger benchmark is where that is measured)."""
+    bf16-trained fixture finds class 5 on one CPU and class 8 on another, a universal perturbation that moves
+    the clean model too (BTI-DBF picks the wrong class on weak models; the inverted-trigger benchmark is where
+    that is measured)."""
     from antidoor.stress.guards import GuardConfig
     from antidoor.stress.inverted import InversionConfig
 
@@ -126,7 +127,10 @@ def test_unknown_trigger_stress_under_an_inverted_one(badnets_run, clean_run):
     assert res.data["attack"]["name"] == "inverted" and sc.attack.name == "badnets"  # the caller's scenario is untouched
     target = res.data["attack"]["target"]
     assert 0 <= target < 10 and res.models["backdoored"].ra.o_asr > 0.5  # asr is measured under the recovered trigger
-    assert res.verdicts()["fresh"].verdict in ("not purified", "superficial", "deep")
+    # "fresh" is the clean model itself, so its gaps are nil: deep, unless the trigger the inversion found moves
+    # the clean model so far (a universal perturbation; found on some CPUs' bf16 numerics) that no verdict is possible
+    v = res.verdicts()["fresh"]
+    assert v.verdict == ("inconclusive" if v.p_ref > 1 - v.margin else "deep"), v.sentence()
     assert "ep" not in res.models
 
 
