@@ -17,6 +17,7 @@ from antidoor.checkpoint import load_checkpoint
 from antidoor.cli import app
 from antidoor.data import ImageData, load_dataset
 from antidoor.models import build_model
+from conftest import invoke_main
 
 ATTACK_NAMES = ", ".join(ATTACKS.names())  # every registered attack, as errors list them
 
@@ -188,7 +189,8 @@ def test_image_folder_through_the_cli(run_cli: object, bundled: ImageData, workd
 
 @pytest.mark.parametrize("command", [None, *[c.name or c.callback.__name__ for c in app.registered_commands]])
 def test_help(run_cli: object, command: str | None) -> None:
-    res = run_cli(*([command] if command else []), "--help")
+    run = run_cli if command in (None, "attack") else invoke_main  # two through a real subprocess, the rest in-process
+    res = run(*([command] if command else []), "--help")
     assert res.returncode == 0, res.stderr
     assert "--help" in res.stdout
     if command in ("attack", "evaluate"):
@@ -203,7 +205,7 @@ def test_help_lists_the_commands(run_cli: object) -> None:
 # --- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "expected"), [
+BAD_ATTACK_INPUT = [
     (["--set", "attack.name=nope"], f"unknown attack 'nope'; available: {ATTACK_NAMES}"),
     (["--pratio", "1.5"], "attack.pratio = 1.5"),
     (["--target", "12"], "attack.target 12 is not a class; allowed: 0..9"),
@@ -213,9 +215,13 @@ def test_help_lists_the_commands(run_cli: object) -> None:
     (["--set", "attack.name=lc", "--set", "attack.eps=0"], "attack.eps = 0"),
     (["--set", "attack.name=trojannn", "--set", "attack.surrogate_model=vit"], "attack.surrogate_model 'vit' is not a model"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
-])
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_ATTACK_INPUT)
 def test_attack_bad_input(run_cli: object, workdir: Path, args: list[str], expected: str) -> None:
-    res = run_cli("attack", *args, "--out", workdir / "never", cwd=workdir)
+    run = run_cli if args == BAD_ATTACK_INPUT[0][0] else invoke_main  # the first through a real subprocess
+    res = run("attack", *args, "--out", workdir / "never", cwd=workdir)
     line = res.error_line()
     assert expected in line, line
     assert len([s for s in res.stderr.splitlines() if s.strip()]) == 1, res.stderr

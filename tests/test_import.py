@@ -13,6 +13,7 @@ from antidoor.errors import AntidoorError
 from antidoor.importer import ImportedModel, import_model
 from antidoor.models import build_model, wrap
 from antidoor.schemas import schema
+from conftest import invoke_main
 
 CIFAR = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.243, 0.261]}
 
@@ -102,5 +103,6 @@ def test_cli_import_bad_input_is_one_line(run_cli, tmp_path, case):
     args = {"pickle": [evil, "--arch", "torchvision:resnet18", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"],
             "shape": [good, "--arch", "resnet18", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"],
             "mean": [good, "--arch", "torchvision:resnet18", "--mean", "0.5;0.5", "--std", "0.5,0.5,0.5"]}[case]
-    line = run_cli("import", *args, "--num-classes", "10", "--out", tmp_path / "out").error_line()
+    run = run_cli if case == "pickle" else invoke_main  # the refusal to unpickle through a real subprocess
+    line = run("import", *args, "--num-classes", "10", "--out", tmp_path / "out").error_line()
     assert {"pickle": "refusing to load", "shape": "conv1.weight", "mean": "--mean '0.5;0.5'"}[case] in line

@@ -31,7 +31,8 @@ TINY_SET = {
     "attack": ["train.epochs=1", "model.width=4"],
     "demo": ["train.epochs=1", "model.width=4", "defenses=[{name: sau, rounds: 1, batch_size: 100}, {name: ep, epochs: 1}]",
              "ra.seeds=[0]", "ra.epochs=1"],
-    "stress": ["ra.seeds=[0]", "ra.epochs=1", "qra.epochs=1", "qra.n_clean=50", "qra.n_poison=50", "path.points=2"],
+    "stress": ["ra.seeds=[0]", "ra.epochs=1", "qra.epochs=1", "qra.n_clean=50", "qra.n_poison=50", "path.points=2",
+               "ep_params={epochs: 1}"],
     "grid": [],
 }
 TINY_DEFENSE = {

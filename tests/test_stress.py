@@ -31,6 +31,7 @@ from antidoor.stress import (
 )
 from antidoor.stress.path import PathConfig
 from antidoor.stress.verdict import VERDICTS
+from conftest import invoke_main
 
 SMALL = StressConfig(ra=RAConfig(seeds=[0], epochs=1), qra=QRAConfig(n_clean=64, n_poison=64, epochs=1, hidden=32),
                      path=PathConfig(points=3), ep_params={"epochs": 2, "batch_size": 50})
@@ -329,7 +330,8 @@ def test_cli_stress_bad_input_is_one_line(run_cli, saved_run, stress_ckpts, tmp_
         "no_backdoored": [stress_ckpts["ft"]],
         "bn": [stress_ckpts["ft"], "--backdoored", saved_run, "--set", "path.bn=mean"],
     }[case]
-    line = run_cli("stress", *args, "--device", "cpu", "--out", tmp_path / "out").error_line()
+    run = run_cli if case == "missing" else invoke_main  # the first through a real subprocess, the rest in-process
+    line = run("stress", *args, "--device", "cpu", "--out", tmp_path / "out").error_line()
     expected = {"missing": "does not exist", "architecture": "cannot interpolate", "param": "path.points",
                 "no_backdoored": "--backdoored", "bn": "path.bn"}[case]
     assert expected in line
