@@ -55,8 +55,13 @@ def test_ft_pam_with_rho_zero_is_ft_step_for_step(badnets_run, defender):
 
 def test_pam_with_rho_zero_is_bti_dbf_with_the_same_optimiser(badnets_run, defender):
     params = {**PAM_AS_BTI, "rounds": 2}  # round 2 also checks the detected target and the anchor across rounds
-    bti = purify(badnets_run.result.model, defender, "bti-dbf", seed=2, **params)
-    assert _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, **params), bti)
+    bti_chosen: dict[str, float] = {}
+    pam_chosen: dict[str, float] = {}
+    bti = purify(badnets_run.result.model, defender, "bti-dbf", seed=2, chosen=bti_chosen, **params)
+    assert _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, chosen=pam_chosen, **params), bti)
+    # the class round 1's inversion detected is recorded, the same for both (the same inversion)
+    assert bti_chosen == pam_chosen and set(bti_chosen) == {"detected_target"}
+    assert bti_chosen["detected_target"] in range(10)
     assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.5, **params), bti)
     constant = {**params, "schedule": "constant"}  # the schedule reaches the fine-tuning
     assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, **constant), bti)

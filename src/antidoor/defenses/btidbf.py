@@ -19,7 +19,9 @@ input, so that G(x) starts as x. Then, each round:
         L_benign = MSE(m f(x), m f(G(x)))
 
     After the first round the target class t is detected (the class the model most often gives to
-    G(x + 0.03 noise) on the clean set) and from the second round on L_G adds CE(f(G(x)), t).
+    G(x + 0.03 noise) on the clean set) and from the second round on L_G adds CE(f(G(x)), t). t is
+    recorded with the result (``chosen.detected_target``): an inversion that missed the trigger shows
+    there as a class other than the backdoor's.
 (c) Unlearn. The model is fine-tuned on clean batches in which a share ``generated_ratio`` of the
     images is replaced by G(x) with their *true* labels::
 
@@ -318,6 +320,9 @@ class BTIDBF(Defense):
                 del inv
                 if r == 0 and self.keep_first_inversion:
                     self.first_inversion = copy.deepcopy((gen.state_dict(), gen_opt.state_dict(), mask, target, g.get_state()))
+            # recorded with the result (chosen.detected_target): the one thing a user can compare with a known or
+            # suspected target to tell whether the inversion found the backdoor or something else
+            self.chosen["detected_target"] = float(target)
             gen.eval()
             tune(model, data, cfg, seed=self.seed + 1 + r, loss_fn=self._unlearning_loss(gen), optimizer=optimizer,
                  description=f"{self.name}: unlearn round {r + 1}")

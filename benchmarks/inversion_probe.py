@@ -1,0 +1,134 @@
+"""Did the trigger inversion find the backdoor? A probe of the regime study's PAM and BTI-DBF failures.
+
+PAM and BTI-DBF unlearn the images their inversion generator G makes (BTI-DBF's round 1: pretrain G,
+train the benign-feature mask, train G, then detect the target class as the one the model gives most
+often to G(x + noise)). On the regime study's BadNets seed 2, PAM left 40.7% asr and BTI-DBF 65.9%
+(``benchmarks/regime.md``), and the likely cause was an inversion that missed the trigger. This script
+measures it: it runs that round-1 inversion on a backdoored checkpoint, with the defense's seed and
+budget, and reports
+
+- the detected class, against the attack's true target (the defender never sees the latter; we do);
+- the classes the backdoored model gives to G(x) on the defender's validation images outside the
+  target class, and the share
+  sent to the true target, with the same for the true trigger (the model's asr on those images);
+- with ``--clean``, the same shares for a clean model of the same data and seed (how much of G(x) is
+  a universal perturbation rather than the backdoor).
+
+Round 1 depends only on the starting weights, the defender's data and the seed, so with the study's
+budget and the checkpoint's seed this is the inversion the study's PAM and BTI-DBF stages computed
+(on the same CPU; bf16 kernels differ between CPUs). The test split is not read.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inversion_probe.py runs/regime/artifacts/attack/X.safetensors \\
+        --clean runs/regime/artifacts/clean/Y.safetensors --budget study --out benchmarks/results/regime/probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from antidoor.checkpoint import load_checkpoint
+from antidoor.defenses.btidbf import (
+    BTIDBFParams,
+    UNetGenerator,
+    detect_target,
+    pretrain_generator,
+    train_feature_mask,
+    train_generator,
+)
+from antidoor.models.registry import Classifier
+from antidoor.pipeline import Scenario
+from antidoor.utils import generator_for
+
+BUDGETS: dict[str, dict[str, int]] = {
+    # benchmarks/regime_study.yaml's cut for bti-dbf and pam
+    "study": {"pretrain_epochs": 5, "mask_epochs": 5, "generator_epochs": 5},
+    # BTI-DBF's defaults (the official ones)
+    "defaults": {},
+}
+
+
+@torch.no_grad()
+def class_shares(model: Classifier, x: torch.Tensor, batch: int = 500) -> list[float]:
+    """The share of ``x`` (float images in [0, 1]) the model gives to each class."""
+    model.eval()
+    k = model.arch["num_classes"]
+    counts = torch.zeros(k, dtype=torch.long)
+    for i in range(0, len(x), batch):
+        counts += torch.bincount(model(x[i:i + batch]).argmax(1).cpu(), minlength=k)
+    return (counts.float() / len(x)).tolist()
+
+
+@torch.no_grad()
+def generated(gen: UNetGenerator, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    gen.eval()
+    return torch.cat([gen(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    sc = Scenario.from_checkpoint(ckpt, device="cpu")
+    seed = int(ckpt.meta.get("seed", 0))
+    data = sc.defender_data()
+    p = BTIDBFParams(**BUDGETS[budget])
+    model = ckpt.model.eval()
+    t0 = time.perf_counter()
+    # the defense's own round 1 (BTIDBF.purify): one generator stream seeded with the defense's seed
+    g = generator_for(data.device, seed)
+    gen = UNetGenerator(data.x.shape[1], p.generator_width)
+    gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
+    inv = copy.deepcopy(model).eval().requires_grad_(False)
+    pretrain_generator(gen, inv, data, p, g)
+    mask = train_feature_mask(inv, data, p, g)
+    train_generator(gen, gen_opt, inv, mask, data, p, g, None)
+    detected = detect_target(gen, inv, data, p, g)
+    seconds = time.perf_counter() - t0
+
+    target = sc.attack.target
+    x_val = data.x_val[data.y_val != target].float().div(255)  # as asr is measured: images of other classes
+    gx = generated(gen, x_val)
+    stamped = sc.attack.apply(x_val)
+    out: dict[str, Any] = {
+        "checkpoint": str(path), "attack": ckpt.meta.get("attack"), "seed": seed, "budget": budget,
+        "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")},
+        "detected_target": detected, "true_target": target, "found": detected == target,
+        "pixel_mse": float((gx - x_val).pow(2).mean()),
+        "backdoored": {"g_x": class_shares(model, gx), "trigger": class_shares(model, stamped)},
+        "seconds": round(seconds, 1),
+    }
+    if clean_path is not None:
+        clean = load_checkpoint(clean_path).model.eval()
+        out["clean"] = {"g_x": class_shares(clean, gx), "trigger": class_shares(clean, stamped)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path, help="backdoored checkpoints (.safetensors with sidecar)")
+    ap.add_argument("--clean", type=Path, help="a clean model of the same data and seed, for comparison")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="study")
+    ap.add_argument("--out", type=Path, help="append the results to this JSON file (a list)")
+    args = ap.parse_args()
+    for path in args.checkpoints:
+        res = probe(path, args.clean, args.budget)
+        t = res["true_target"]
+        line = (f"{path.name}: {res['attack']['name']} seed {res['seed']}, budget {args.budget}: detected class "
+                f"{res['detected_target']} (target {t}); backdoored model sends {res['backdoored']['g_x'][t]:.1%} of G(x) "
+                f"and {res['backdoored']['trigger'][t]:.1%} of triggered images to the target")
+        if "clean" in res:
+            line += f"; the clean model {res['clean']['g_x'][t]:.1%} of G(x)"
+        print(line + f" ({res['seconds']} s)", flush=True)
+        if args.out:
+            prior = json.loads(args.out.read_text()) if args.out.exists() else []
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps([*prior, res], indent=1))
+
+
+if __name__ == "__main__":
+    main()
