@@ -84,7 +84,7 @@ def findings(folder: Path) -> str:
         out += ["", *_path_table(curves, dataset, model, attack, listed, names), ""]
         chosen = sorted({c for s in listed for m in complete[s].values() for c in m if c.startswith("chosen.")})
         if chosen:
-            out += ["Settings chosen on the defender's validation data (per seed):", ""]
+            out += ["Chosen by the defenses on the defender's data (per seed; rho on its validation part):", ""]
             for d in names:
                 for c in chosen:
                     per = [f"seed {s}: {complete[s][d][c]:g}" for s in listed if complete[s].get(d, {}).get(c) is not None]

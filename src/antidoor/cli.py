@@ -222,7 +222,7 @@ def purify(
     console.print(_metrics_table(f"{name} on {checkpoint.name}", [{"model": "before", **before}, {"model": name, **after}],
                                  ["model", "clean_acc", "asr", "robust_acc", "der", "val_clean_acc"]))
     if chosen:
-        console.print(f"chosen on the defender's validation data: {', '.join(f'{k} {v:g}' for k, v in chosen.items())}")
+        console.print(f"chosen by the defense on the defender's data: {', '.join(f'{k} {v:g}' for k, v in chosen.items())}")
     console.print(f"wrote {out / 'model.safetensors'} (+ model.json, metrics.json)")
     print_json_line({"before": before, "after": after})
 

@@ -87,7 +87,8 @@ class Defense:
         self.params = validate_params(self.Params, params, "defense", self.name)
         self.seed = seed
         self.monitor = monitor
-        self.chosen: dict[str, float] = {}  # settings the defense chose itself (on validation data), e.g. rho: auto
+        # what the defense chose itself from the defender's data: rho: auto (on validation), a detected target class
+        self.chosen: dict[str, float] = {}
 
     def report(self, epoch: int, model: Classifier) -> None:
         """Call the monitor after each round/epoch (for curves only: the result is always the last model)."""
@@ -120,7 +121,7 @@ def validate_defense_spec(spec: Any) -> dict[str, Any]:
 
 def defense_record(spec: dict[str, Any], seed: int, chosen: dict[str, float] | None = None) -> dict[str, Any]:
     """What a purified checkpoint's sidecar says of its defense: every parameter, the seed and what the
-    defense chose itself on validation data (``chosen``, when it chose anything)."""
+    defense chose itself from the defender's data (``chosen``, when it chose anything)."""
     return {**spec, "seed": seed, **({"chosen": dict(chosen)} if chosen else {})}
 
 
