@@ -98,7 +98,7 @@ def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
         "checkpoint": str(path), "attack": ckpt.meta.get("attack"), "seed": seed, "budget": budget,
         "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")},
         "detected_target": detected, "true_target": target, "found": detected == target,
-        "pixel_mse": float((gx - x_val).pow(2).mean()),
+        "n_images": len(x_val), "pixel_mse": float((gx - x_val).pow(2).mean()),
         "backdoored": {"g_x": class_shares(model, gx), "trigger": class_shares(model, stamped)},
         "seconds": round(seconds, 1),
     }
