@@ -34,14 +34,8 @@ from typing import Any
 import torch
 
 from antidoor.checkpoint import load_checkpoint
-from antidoor.defenses.btidbf import (
-    BTIDBFParams,
-    UNetGenerator,
-    detect_target,
-    pretrain_generator,
-    train_feature_mask,
-    train_generator,
-)
+from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion
+from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.pipeline import Scenario
 from antidoor.utils import generator_for
@@ -54,14 +48,9 @@ BUDGETS: dict[str, dict[str, int]] = {
 }
 
 
-@torch.no_grad()
-def class_shares(model: Classifier, x: torch.Tensor, batch: int = 500) -> list[float]:
-    """The share of ``x`` (float images in [0, 1]) the model gives to each class."""
-    model.eval()
-    k = model.arch["num_classes"]
-    counts = torch.zeros(k, dtype=torch.long)
-    for i in range(0, len(x), batch):
-        counts += torch.bincount(model(x[i:i + batch]).argmax(1).cpu(), minlength=k)
+def class_shares(model: Classifier, x: torch.Tensor) -> list[float]:
+    """The share of ``x`` (float images in [0, 1]) the model gives to each class (float32, as first measured)."""
+    counts = torch.bincount(predict(model, x, amp=False).cpu(), minlength=model.arch["num_classes"])
     return (counts.float() / len(x)).tolist()
 
 
@@ -83,11 +72,7 @@ def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
     g = generator_for(data.device, seed)
     gen = UNetGenerator(data.x.shape[1], p.generator_width)
     gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
-    inv = copy.deepcopy(model).eval().requires_grad_(False)
-    pretrain_generator(gen, inv, data, p, g)
-    mask = train_feature_mask(inv, data, p, g)
-    train_generator(gen, gen_opt, inv, mask, data, p, g, None)
-    detected = detect_target(gen, inv, data, p, g)
+    _, detected = first_round_inversion(gen, gen_opt, copy.deepcopy(model).eval().requires_grad_(False), data, p, g)
     seconds = time.perf_counter() - t0
 
     target = sc.attack.target

@@ -268,6 +268,16 @@ def detect_target(gen: UNetGenerator, model: Classifier, data: DefenderData, p: 
     return int(counts.argmax())
 
 
+def first_round_inversion(gen: UNetGenerator, gen_opt: torch.optim.Optimizer, model: Classifier, data: DefenderData,
+                          p: BTIDBFParams, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Round 1 of the inversion: pretrain G, train the benign-feature mask, train G (no target yet), then
+    detect the target. Returns the mask and the detected class; ``model`` is the fixed inversion copy."""
+    pretrain_generator(gen, model, data, p, g)
+    mask = train_feature_mask(model, data, p, g)
+    train_generator(gen, gen_opt, model, mask, data, p, g, None)
+    return mask, detect_target(gen, model, data, p, g)
+
+
 def n_generated(batch: int, ratio: float) -> int:
     return max(1, min(batch, round(ratio * batch)))
 
@@ -310,13 +320,12 @@ class BTIDBF(Defense):
                 g.set_state(rng)
             else:
                 inv = self._inversion_copy(model)
-                if r == 0:
-                    pretrain_generator(gen, inv, data, p, g)
-                mask = train_feature_mask(inv, data, p, g)
-                train_generator(gen, gen_opt, inv, mask, data, p, g, target)
-                if target is None:
-                    target = detect_target(gen, inv, data, p, g)
+                if target is None:  # round 1 (later rounds have its target, computed here or reused)
+                    mask, target = first_round_inversion(gen, gen_opt, inv, data, p, g)
                     info(f"{self.name}: detected target class {target} (round 1)")
+                else:
+                    mask = train_feature_mask(inv, data, p, g)
+                    train_generator(gen, gen_opt, inv, mask, data, p, g, target)
                 del inv
                 if r == 0 and self.keep_first_inversion:
                     self.first_inversion = copy.deepcopy((gen.state_dict(), gen_opt.state_dict(), mask, target, g.get_state()))

@@ -25,14 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from antidoor.attacks.base import Attack, AttackParams
-from antidoor.defenses.btidbf import (
-    BTIDBFParams,
-    UNetGenerator,
-    detect_target,
-    pretrain_generator,
-    train_feature_mask,
-    train_generator,
-)
+from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, train_generator
 from antidoor.models.registry import Classifier
 from antidoor.utils import generator_for, info
 
@@ -93,10 +86,7 @@ def inverted_attack(backdoored: Classifier, scenario: Scenario, config: Inversio
     g = generator_for(data.device, cfg.seed)
     torch.manual_seed(cfg.seed)  # the generator's initial weights: the same recovered trigger in every process
     gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
-    pretrain_generator(gen, model, data, p, g)
-    mask = train_feature_mask(model, data, p, g)
-    train_generator(gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr), model, mask, data, p, g, None)
-    target = detect_target(gen, model, data, p, g)
+    mask, target = first_round_inversion(gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr), model, data, p, g)
     train_generator(gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr), model, mask, data, p, g, target)
     info(f"trigger inversion (BTI-DBF): detected target class {target}")
     tensors = {f"gen.{k}": v.detach() for k, v in gen.state_dict().items()}
