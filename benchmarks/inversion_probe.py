@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from antidoor.checkpoint import load_checkpoint
-from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion
+from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, input_mse
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.pipeline import Scenario
@@ -84,6 +84,7 @@ def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
         "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")},
         "detected_target": detected, "true_target": target, "found": detected == target,
         "n_images": len(x_val), "pixel_mse": float((gx - x_val).pow(2).mean()),
+        "input_mse": float(input_mse(model, gx, x_val)),  # what norm_bound bounds (normalised units)
         "backdoored": {"g_x": class_shares(model, gx), "trigger": class_shares(model, stamped)},
         "seconds": round(seconds, 1),
     }

@@ -14,9 +14,12 @@ input, so that G(x) starts as x. Then, each round:
 (b) Invert the trigger. G learns to keep the benign features (m * f) of an image and move its
     other ("backdoor") features, within a pixel budget::
 
-        L_G = MSE(x, G(x))                                  if MSE(x, G(x)) > norm_bound or L_benign > feat_bound
+        L_G = D(x, G(x))                                    if D(x, G(x)) > norm_bound or L_benign > feat_bound
             = -MSE((1-m) f(x), (1-m) f(G(x))) + benign_weight * L_benign     otherwise,
-        L_benign = MSE(m f(x), m f(G(x)))
+        L_benign = MSE(m f(x), m f(G(x))),   D(a, b) = MSE((a - b) / std)
+
+    D is the pixel MSE in the classifier's input units (after its normalisation by the dataset's std),
+    the units in which the official code, which feeds normalised images to G, measures it.
 
     After the first round the target class t is detected (the class the model most often gives to
     G(x + 0.03 noise) on the clean set) and from the second round on L_G adds CE(f(G(x)), t). t is
@@ -32,7 +35,8 @@ The model after the last round is the result (no model selection on any data).
 Defaults are the official ones (the authors' code and the superficial-safety paper's
 ``defense.sh``), counted in epochs over the official 2,500 clean CIFAR-10 images: generator width
 32 (encoder 32-64-128-256, bottleneck 512), pretraining 50 epochs with Adam 1e-3, mask 20 epochs
-with Adam 0.01, generator 30 epochs with Adam 1e-3, norm_bound 0.3 (a bound on the pixel MSE),
+with Adam 0.01, generator 30 epochs with Adam 1e-3, norm_bound 0.3 (a bound on D, the pixel MSE in normalised
+units: on CIFAR-10, std ~0.25, a [0, 1]-pixel MSE of ~0.019),
 feat_bound 3, benign weight 0.01, unlearning 30 epochs per round with Adam 1e-4, 20% of each batch
 generated, 5 rounds (the paper's nround; ``defense.sh`` uses 3), batch 128. Every number is a
 parameter, so tests and the demo can run it tiny.
@@ -52,6 +56,12 @@ Deviations from the official code, and why:
   for the mask phase, so batch statistics of clean images shaped the mask.
 - G ends in a sigmoid so its outputs are images in [0, 1]. G's input is padded (replicate) to a
   multiple of 16 and its output cropped back, so any image size works.
+- G works on [0, 1] pixels, the official G on normalised images; every pixel-space number of the official
+  code (norm_bound, the pretraining switch at 0.1, the detection noise's std 0.03) is therefore read in
+  normalised units: MSEs are divided by std^2 and the noise is scaled by std, per channel, with the
+  classifier's own ``std``. Until 2026-12-05 antidoor read them on [0, 1] pixels, a pixel budget 16 times
+  looser on CIFAR-10, within which G found universal adversarial perturbations instead of the trigger
+  (``benchmarks/regime.md``, "Did the inversion find the BadNets seed-2 trigger?").
 - Pretraining: the official loss is a cross-entropy between two softmax outputs, plus feature and
   pixel MSE with the pixel weight switching from 100 to 0.01 once the pixel MSE is below 0.1; we keep
   the switch and the MSE terms and use the soft-label cross-entropy CE(f(G(x)), softmax f(x)) for the
@@ -99,10 +109,12 @@ class BTIDBFParams(DefenseParams):
     mask_lr: float = Field(0.01, gt=0)
     generator_epochs: int = Field(30, ge=1, description="epochs of the generator phase, per round")
     generator_lr: float = Field(1e-3, gt=0)
-    norm_bound: float = Field(0.3, gt=0, description="bound on the pixel MSE between x and G(x)")
+    norm_bound: float = Field(0.3, gt=0, description="bound on the pixel MSE between x and G(x), in the classifier's "
+                                                     "normalised units (official; CIFAR-10: ~0.019 on [0, 1] pixels)")
     feat_bound: float = Field(3.0, gt=0, description="bound on the benign-feature MSE")
     benign_weight: float = Field(0.01, ge=0, description="weight of the benign-feature MSE in the generator loss")
-    target_noise: float = Field(0.03, ge=0, description="std of the Gaussian noise added before G when detecting the target")
+    target_noise: float = Field(0.03, ge=0, description="std of the Gaussian noise added before G when detecting the "
+                                                         "target, in normalised units")
     epochs: int = Field(30, ge=1, description="unlearning epochs per round")
     optimizer: Literal["sgd", "adam"] = Field("adam", description="unlearning optimiser")
     lr: float = Field(1e-4, gt=0, description="unlearning learning rate")
@@ -190,6 +202,12 @@ def _epochs(data: DefenderData, p: BTIDBFParams, epochs: int, g: torch.Generator
                 advance(1)
 
 
+def input_mse(model: Classifier, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The MSE between two batches of [0, 1] images in the classifier's input units (after its normalisation),
+    where the official code, whose G maps normalised images to normalised images, measures its pixel bounds."""
+    return ((a - b) / model.std).pow(2).mean()
+
+
 def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -197,7 +215,7 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData, p: BTIDBFParams, g: torch.Generator) -> None:
-    """G(x) ~ x: pixel MSE (weight 100 until it is below 0.1, then 0.01) + feature MSE + soft-label CE."""
+    """G(x) ~ x: pixel MSE in normalised units (weight 100 until it is below 0.1, then 0.01) + feature MSE + soft-label CE."""
     if p.pretrain_epochs == 0:
         return
     opt = torch.optim.Adam(gen.parameters(), lr=p.pretrain_lr)
@@ -211,7 +229,7 @@ def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData
                 probs = split.logits(feat).float().softmax(1)
             gx = gen(x).float()
             feat_g = split.features(gx).float()
-            pixel = F.mse_loss(gx, x)
+            pixel = input_mse(model, gx, x)
             loss = (F.cross_entropy(split.logits(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
                     + torch.where(pixel > 0.1, 100.0, 0.01) * pixel)
         _descend(opt, loss)
@@ -248,7 +266,7 @@ def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Class
             feat_g = split.features(gx).float()
             benign = F.mse_loss(mask * feat_g, mask * feat)
             backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
-            pixel = F.mse_loss(gx, x)
+            pixel = input_mse(model, gx, x)
             # the switch without a host round trip: the gradient flows through the chosen branch only
             loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
             if target is not None:
@@ -263,7 +281,7 @@ def detect_target(gen: UNetGenerator, model: Classifier, data: DefenderData, p: 
     counts = torch.zeros(data.num_classes, device=data.device, dtype=torch.long)
     with autocast(data.device, p.amp):
         for x, _, _ in batches(data.x, data.y, p.batch_size, g, shuffle=False, drop_last=False, channels_last=False):
-            noise = torch.randn(x.shape, device=x.device, generator=g) * p.target_noise
+            noise = torch.randn(x.shape, device=x.device, generator=g) * (p.target_noise * model.std)
             counts += torch.bincount(model(gen(x + noise)).argmax(1), minlength=data.num_classes)
     return int(counts.argmax())
 

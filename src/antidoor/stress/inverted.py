@@ -42,7 +42,7 @@ class InversionConfig(BaseModel):
     mask_epochs: int = Field(20, ge=1)
     generator_epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    norm_bound: float = Field(0.3, gt=0)
+    norm_bound: float = Field(0.3, gt=0, description="bound on the pixel MSE between x and G(x), in normalised units")
     seed: int = Field(0, ge=0)
 
 
