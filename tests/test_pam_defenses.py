@@ -134,17 +134,19 @@ def test_input_mse_is_the_pixel_mse_in_the_classifiers_normalised_units(badnets_
     assert input_mse(model, a, b) > F.mse_loss(a, b)
 
 
-def test_the_generator_phase_keeps_g_within_norm_bound_in_normalised_units(badnets_run, defender):
+@pytest.mark.parametrize("units", ["normalised", "pixels"])
+def test_the_generator_phase_keeps_g_within_norm_bound_in_normalised_units(units, badnets_run, defender):
     """The official code bounds the MSE of normalised images; G works on [0, 1] pixels, so the bound is
-    read through the classifier's std. G ends each step either inside the bound or pulled back toward x."""
+    read through the classifier's std. G ends each step either inside the bound or pulled back toward x;
+    read on [0, 1] pixels (``bound_units: pixels``, antidoor before 2026-12-05) the same bound lets G drift."""
     torch.manual_seed(0)
     gen = UNetGenerator(3, width=8)
     model = copy.deepcopy(badnets_run.result.model).eval().requires_grad_(False)
     norm_bound = 0.3
     # measured: normalised MSE 0.48 after pretraining, 0.39 after the generator phase; with the bound read on
-    # [0, 1] pixels (as before 2026-12-05; here norm_bound 4.7 = 0.3 / std^2) G drifts to 0.93
+    # [0, 1] pixels G drifted to 0.93 (a run with norm_bound 4.7 = 0.3 / std^2)
     p = BTIDBFParams(pretrain_epochs=3, mask_epochs=2, generator_epochs=4, batch_size=8, augment=False,
-                     norm_bound=norm_bound)
+                     norm_bound=norm_bound, bound_units=units)
     g = torch.Generator().manual_seed(0)
     pretrain_generator(gen, model, defender, p, g)
     mask = train_feature_mask(model, defender, p, g)
@@ -152,7 +154,7 @@ def test_the_generator_phase_keeps_g_within_norm_bound_in_normalised_units(badne
     x = defender.x.float().div(255)
     with torch.no_grad():
         d = input_mse(model, gen.eval()(x), x).item()
-    assert d < 2 * norm_bound
+    assert (d < 2 * norm_bound) == (units == "normalised"), d
 
 
 def test_unlearning_batch_replaces_a_share_by_generated_images_and_keeps_the_true_labels(badnets_run, defender):
@@ -198,8 +200,9 @@ def test_pam_defaults_are_the_official_recipe_with_momentum_09():
                                                                       "feature_weight": 0.0, "generated_ratio": 0.2,
                                                                       "schedule": "cosine"}  # official: constant (docstring)
     bti = validate_defense_spec({"name": "bti-dbf"})
-    assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"], bti["schedule"]) == \
-        ("adam", 1e-4, 5, 32, "constant")
+    assert (bti["optimizer"], bti["lr"], bti["rounds"], bti["generator_width"], bti["schedule"], bti["norm_bound"],
+            bti["bound_units"]) == \
+        ("adam", 1e-4, 5, 32, "constant", 0.3, "normalised")
 
 
 def test_default_rho_is_auto_for_every_pam_defense():

@@ -115,3 +115,20 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
+
+
+def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_since() -> None:
+    """benchmarks/regime/study.sqlite holds every stage of regime_study.yaml but BTI-DBF's and PAM's: reading the
+    inversion's pixel bounds in normalised units (``bound_units``, 2026-12-05) changed their keys, so
+    ``antidoor grid benchmarks/regime_study.yaml --resume`` on the committed store reruns exactly those and their stress."""
+    import sqlite3
+    from collections import Counter
+
+    from antidoor.experiment.stages import plan
+
+    stages = plan(load_study(BENCHMARKS / "regime_study.yaml"))
+    with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
+        done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
+    left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
+    blocks = 6  # BadNets and Blended-digit, seeds 0-2
+    assert left == {(kind, d): blocks for kind in ("purify", "stress") for d in ("bti-dbf", "pam")}

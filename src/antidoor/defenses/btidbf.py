@@ -61,7 +61,8 @@ Deviations from the official code, and why:
   normalised units: MSEs are divided by std^2 and the noise is scaled by std, per channel, with the
   classifier's own ``std``. Until 2026-12-05 antidoor read them on [0, 1] pixels, a pixel budget 16 times
   looser on CIFAR-10, within which G found universal adversarial perturbations instead of the trigger
-  (``benchmarks/regime.md``, "Did the inversion find the BadNets seed-2 trigger?").
+  (``benchmarks/regime.md``, "Did the inversion find the BadNets seed-2 trigger?"); ``bound_units: pixels``
+  reproduces that, e.g. the regime study's stored BTI-DBF and PAM rows.
 - Pretraining: the official loss is a cross-entropy between two softmax outputs, plus feature and
   pixel MSE with the pixel weight switching from 100 to 0.01 once the pixel MSE is below 0.1; we keep
   the switch and the MSE terms and use the soft-label cross-entropy CE(f(G(x)), softmax f(x)) for the
@@ -115,6 +116,9 @@ class BTIDBFParams(DefenseParams):
     benign_weight: float = Field(0.01, ge=0, description="weight of the benign-feature MSE in the generator loss")
     target_noise: float = Field(0.03, ge=0, description="std of the Gaussian noise added before G when detecting the "
                                                          "target, in normalised units")
+    bound_units: Literal["normalised", "pixels"] = Field(
+        "normalised", description="units of norm_bound, the pretraining switch (0.1) and target_noise: the classifier's "
+                                  "normalised units (official) or [0, 1] pixels (antidoor before 2026-12-05)")
     epochs: int = Field(30, ge=1, description="unlearning epochs per round")
     optimizer: Literal["sgd", "adam"] = Field("adam", description="unlearning optimiser")
     lr: float = Field(1e-4, gt=0, description="unlearning learning rate")
@@ -208,6 +212,11 @@ def input_mse(model: Classifier, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return ((a - b) / model.std).pow(2).mean()
 
 
+def _budget_mse(model: Classifier, p: BTIDBFParams, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The pixel MSE the official bounds apply to, in ``p.bound_units``."""
+    return input_mse(model, a, b) if p.bound_units == "normalised" else F.mse_loss(a, b)
+
+
 def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -229,7 +238,7 @@ def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData
                 probs = split.logits(feat).float().softmax(1)
             gx = gen(x).float()
             feat_g = split.features(gx).float()
-            pixel = input_mse(model, gx, x)
+            pixel = _budget_mse(model, p, gx, x)
             loss = (F.cross_entropy(split.logits(feat_g).float(), probs) + F.mse_loss(feat_g, feat)
                     + torch.where(pixel > 0.1, 100.0, 0.01) * pixel)
         _descend(opt, loss)
@@ -266,7 +275,7 @@ def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Class
             feat_g = split.features(gx).float()
             benign = F.mse_loss(mask * feat_g, mask * feat)
             backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
-            pixel = input_mse(model, gx, x)
+            pixel = _budget_mse(model, p, gx, x)
             # the switch without a host round trip: the gradient flows through the chosen branch only
             loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
             if target is not None:
@@ -281,7 +290,8 @@ def detect_target(gen: UNetGenerator, model: Classifier, data: DefenderData, p: 
     counts = torch.zeros(data.num_classes, device=data.device, dtype=torch.long)
     with autocast(data.device, p.amp):
         for x, _, _ in batches(data.x, data.y, p.batch_size, g, shuffle=False, drop_last=False, channels_last=False):
-            noise = torch.randn(x.shape, device=x.device, generator=g) * (p.target_noise * model.std)
+            scale = model.std if p.bound_units == "normalised" else 1.0
+            noise = torch.randn(x.shape, device=x.device, generator=g) * (p.target_noise * scale)
             counts += torch.bincount(model(gen(x + noise)).argmax(1), minlength=data.num_classes)
     return int(counts.argmax())
 

@@ -19,7 +19,7 @@ checks the inversion itself: a G that does not reactivate the backdoor is refuse
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,7 +42,8 @@ class InversionConfig(BaseModel):
     mask_epochs: int = Field(20, ge=1)
     generator_epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    norm_bound: float = Field(0.3, gt=0, description="bound on the pixel MSE between x and G(x), in normalised units")
+    norm_bound: float = Field(0.3, gt=0, description="bound on the pixel MSE between x and G(x), in bound_units")
+    bound_units: Literal["normalised", "pixels"] = "normalised"
     seed: int = Field(0, ge=0)
 
 
@@ -81,7 +82,7 @@ def inverted_attack(backdoored: Classifier, scenario: Scenario, config: Inversio
     data = scenario.defender_data()
     p = BTIDBFParams(rounds=1, batch_size=min(cfg.batch_size, len(data.x)), generator_width=cfg.generator_width,
                      pretrain_epochs=cfg.pretrain_epochs, mask_epochs=cfg.mask_epochs, generator_epochs=cfg.generator_epochs,
-                     norm_bound=cfg.norm_bound)
+                     norm_bound=cfg.norm_bound, bound_units=cfg.bound_units)
     model = copy.deepcopy(backdoored).to(data.device).eval().requires_grad_(False)
     g = generator_for(data.device, cfg.seed)
     torch.manual_seed(cfg.seed)  # the generator's initial weights: the same recovered trigger in every process
