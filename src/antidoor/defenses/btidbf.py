@@ -224,7 +224,7 @@ def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 def pretrain_generator(gen: UNetGenerator, model: Classifier, data: DefenderData, p: BTIDBFParams, g: torch.Generator) -> None:
-    """G(x) ~ x: pixel MSE in normalised units (weight 100 until it is below 0.1, then 0.01) + feature MSE + soft-label CE."""
+    """G(x) ~ x: pixel MSE in ``bound_units`` (weight 100 until it is below 0.1, then 0.01) + feature MSE + soft-label CE."""
     if p.pretrain_epochs == 0:
         return
     opt = torch.optim.Adam(gen.parameters(), lr=p.pretrain_lr)
@@ -288,10 +288,10 @@ def detect_target(gen: UNetGenerator, model: Classifier, data: DefenderData, p: 
     """The class the model gives most often to G(x + noise) over the clean set (the official rule)."""
     gen.eval()
     counts = torch.zeros(data.num_classes, device=data.device, dtype=torch.long)
+    std = p.target_noise * (model.std if p.bound_units == "normalised" else 1.0)  # per channel, once
     with autocast(data.device, p.amp):
         for x, _, _ in batches(data.x, data.y, p.batch_size, g, shuffle=False, drop_last=False, channels_last=False):
-            scale = model.std if p.bound_units == "normalised" else 1.0
-            noise = torch.randn(x.shape, device=x.device, generator=g) * (p.target_noise * scale)
+            noise = torch.randn(x.shape, device=x.device, generator=g) * std
             counts += torch.bincount(model(gen(x + noise)).argmax(1), minlength=data.num_classes)
     return int(counts.argmax())
 
