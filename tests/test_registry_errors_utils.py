@@ -256,6 +256,41 @@ def test_a_short_loop_is_not_announced(capsys):
     assert "about" not in capsys.readouterr().err
 
 
+def test_without_a_terminal_a_running_loop_says_where_it_is_every_few_minutes(capsys):
+    from antidoor.utils import Pace
+
+    # 100 steps of 60 s with a 300-s heartbeat: a line at steps 6, 11, ..., 96 (every 5 steps after the first)
+    pace = Pace(100, "pam: unlearn round 1", clock=FakeClock(60.0), heartbeat=300.0)
+    for _ in range(100):
+        pace()
+    lines = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines() if "steps (" in line]
+    assert len(lines) == 19
+    assert lines[0] == "pam: unlearn round 1: 6/100 steps (6%), about 1 h 34 min left"
+    assert lines[-1] == "pam: unlearn round 1: 96/100 steps (96%), about 4 min left"
+
+
+def test_no_heartbeat_without_asking(capsys):
+    from antidoor.utils import Pace
+
+    pace = Pace(100, "train", clock=FakeClock(60.0))
+    for _ in range(100):
+        pace()
+    assert "steps (" not in capsys.readouterr().err
+
+
+def test_a_progress_bar_in_a_log_file_beats_and_a_quiet_one_does_not(monkeypatch, capsys):
+    import antidoor.utils as utils
+
+    monkeypatch.setattr(utils, "HEARTBEAT_SECONDS", 0.0)  # every step
+    for quiet, expected in ((False, 2), (True, 0)):
+        monkeypatch.setattr(utils, "_quiet", quiet)
+        with utils.progress_bar(4, "loop") as advance:
+            for _ in range(4):
+                advance()
+        beats = [line for line in capsys.readouterr().err.splitlines() if "steps (" in line]
+        assert len(beats) == expected  # steps 2 and 3 (the first starts the clock; the last needs no line)
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(42, "42 s"), (420, "7 min"), (7500, "2 h 05 min")])
 def test_format_duration(seconds, text):
     from antidoor.utils import format_duration

@@ -81,6 +81,7 @@ def show_progress() -> bool:
 
 
 LONG_RUN_SECONDS = 600.0  # a loop whose estimate exceeds this is announced, with the estimate, once
+HEARTBEAT_SECONDS = 300.0  # without a terminal (a log file), a running loop says where it is this often
 
 
 def format_duration(seconds: float) -> str:
@@ -97,24 +98,40 @@ class Pace:
     The clock starts at the first step (which pays for warm-up), and the estimate is made once
     ``min_steps`` further steps and ``min_seconds`` have passed: on a 2-core CPU a paper's default
     (width 64 x 100 epochs, SAU's 100 rounds) is then announced as hours, not discovered.
+
+    With ``heartbeat`` (seconds; where no progress bar is drawn, e.g. output redirected to a log), a
+    line saying how far the loop is and how long it has left is written at most that often, so a
+    background run's log shows it moving.
     """
 
     def __init__(self, total: int, description: str, hint: str = "", min_steps: int = 3, min_seconds: float = 2.0,
-                 clock: Any = time.perf_counter) -> None:
+                 clock: Any = time.perf_counter, heartbeat: float | None = None) -> None:
         self.total, self.description, self.hint = total, description, hint
         self.min_steps, self.min_seconds, self.clock = min_steps, min_seconds, clock
+        self.heartbeat = heartbeat
         self.done = 0
         self.start: float | None = None  # the clock and the step count at the first step
         self.first = 0
         self.estimate: float | None = None  # seconds for the whole loop, once made
+        self.last_beat: float | None = None
 
     def __call__(self, n: int = 1) -> None:
         self.done += n
-        if self.estimate is not None or self.total <= 0:
+        if self.total <= 0:
             return
+        if self.estimate is not None and self.heartbeat is None:
+            return  # the common case, a terminal: nothing to do after the estimate, not even read the clock
         now = self.clock()
         if self.start is None:
-            self.start, self.first = now, self.done
+            self.start, self.first, self.last_beat = now, self.done, now
+            return
+        if self.heartbeat is not None and self.last_beat is not None and now - self.last_beat >= self.heartbeat \
+                and self.done < self.total:
+            self.last_beat = now
+            left = (now - self.start) / max(self.done - self.first, 1) * (self.total - self.done)
+            info(f"{self.description}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), "
+                 f"about {format_duration(left)} left")
+        if self.estimate is not None:
             return
         timed = self.done - self.first
         if timed < self.min_steps or now - self.start < self.min_seconds:
@@ -128,13 +145,13 @@ class Pace:
 
 @contextlib.contextmanager
 def progress_bar(total: int, description: str, hint: str = "") -> Iterator[Any]:
-    """A rich progress bar, or a silent stand-in when quiet or not on a terminal.
+    """A rich progress bar; when quiet, a silent stand-in; without a terminal, a line every few minutes.
 
     Yields a callable ``advance(n=1, **fields)``; ``fields`` fill the bar's status text. Either way a
     loop estimated to take longer than :data:`LONG_RUN_SECONDS` is announced once with its estimate
     (:class:`Pace`) and ``hint`` (how to make it shorter).
     """
-    pace = Pace(total, description, hint)
+    pace = Pace(total, description, hint, heartbeat=None if _quiet or sys.stderr.isatty() else HEARTBEAT_SECONDS)
     if not show_progress():
         def quiet_advance(n: int = 1, **fields: Any) -> None:
             pace(n)
