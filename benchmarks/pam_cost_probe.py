@@ -56,6 +56,7 @@ def inversion(model: torch.nn.Module, data: Any, p: PAMParams, seed: int, cache:
         saved = torch.load(cache, weights_only=True)  # our own file, tensors only
         return saved["gen"], saved["opt"], saved["mask"], int(saved["target"]), saved["rng"], float(saved["seconds"])
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # G's initial weights, as rho: auto seeds them before each run
     g = generator_for(data.device, seed)
     gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
     gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
