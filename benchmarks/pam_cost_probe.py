@@ -14,11 +14,11 @@ defense's seed, then round 1 of unlearning from the same start under each recipe
 Recipes (``--recipes``, default all): ``epochs30`` (the official round: 30 epochs of SGD 0.01, momentum 0.9, cosine,
 20% G(x), rho 0), ``no-generated`` (the same fine-tuning on clean images only: what G(x) costs), ``epochs10``,
 ``lr0.003``, ``wd5e-4`` and ``rho0.3`` (the path-aware step itself, at the rho the full run kept). With ``--full`` each recipe
-runs as the defense does with no settings (3 rounds, ``rho: auto``), from the same cached round-1 inversion, and
+runs as the defense does with no settings (its rounds, ``rho: auto``), from the same cached round-1 inversion, and
 every rho candidate it tries is measured too (``--base rho_tolerance=0`` tries them all).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/pam_cost_probe.py runs/regime/artifacts/attack/X.safetensors \\
-        --cache runs/pam_cost_probe/inversion.pt --out benchmarks/results/regime/pam_cost_probe.json
+        --cache runs/pam_cost_probe/inversion.pt --out benchmarks/results/regime/pam_cost/round1_rho0.json
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from antidoor.defenses.tuning import tune
 from antidoor.metrics import predict
 from antidoor.pipeline import Scenario
 from antidoor.utils import generator_for
+from inversion_probe import generated
 
 RECIPES: dict[str, dict[str, Any]] = {
     "epochs30": {"epochs": 30},  # the official length of a round (antidoor's default until 2026-12-05)
@@ -94,10 +95,7 @@ def main() -> None:
     gen_state, target = first[0], first[3]
     gen = UNetGenerator(data.x.shape[1], base.generator_width)
     gen.load_state_dict(gen_state)
-    gen.eval()
-    x_val = data.x_val[data.y_val != target].float().div(255)
-    with torch.no_grad():
-        gx = torch.cat([gen(x_val[i:i + 500]).float() for i in range(0, len(x_val), 500)])
+    gx = generated(gen, data.x_val[data.y_val != target].float().div(255))
 
     def measure(model: torch.nn.Module) -> dict[str, float]:
         m = sc.evaluator(model)
@@ -112,7 +110,6 @@ def main() -> None:
     print(f"detected class {target} (true {sc.attack.target}); given model: {results['given']}", flush=True)
     # rho: auto's candidates, each measured as it finishes (the defense keeps only the one it chose)
     candidates: dict[str, dict[str, float]] = {}
-    row_candidates: dict[str, dict[str, float]] = {}
     at_rho = PAMDefense.purify_at_rho
 
     def measured_at_rho(self: PAMDefense, model: torch.nn.Module, data: Any) -> torch.nn.Module:
@@ -123,6 +120,7 @@ def main() -> None:
     PAMDefense.purify_at_rho = measured_at_rho  # type: ignore[method-assign]
     for name in args.recipes:
         t0 = time.perf_counter()
+        candidates.clear()
         p = PAMParams(**{**base.model_dump(), **RECIPES[name]})
         defense = PAMDefense(seed=args.seed, **p.model_dump())
         model = copy.deepcopy(backdoored)
@@ -131,13 +129,10 @@ def main() -> None:
         else:
             defense.first_inversion = copy.deepcopy(first[:5])
             model = defense.purify(model, data)
-        if candidates:
-            row_candidates = dict(candidates)
-            candidates.clear()
         row = {**measure(model.eval()), "seconds": round(time.perf_counter() - t0, 1), "overrides": RECIPES[name],
                "chosen": dict(defense.chosen)}
         if defense.chosen.get("rho_runs"):
-            row["candidates"] = row_candidates
+            row["candidates"] = dict(candidates)
         results["recipes"][name] = row
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)

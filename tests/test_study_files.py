@@ -120,8 +120,9 @@ def test_findings_of_the_committed_regime_study() -> None:
 def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_since() -> None:
     """benchmarks/regime/study.sqlite holds every stage of regime_study.yaml but BTI-DBF's and PAM's: reading the
     inversion's pixel bounds in normalised units (``bound_units``, 2026-12-05) changed their keys (and PAM's, its new
-    defaults again: one round of 10 epochs, run at them in the study since), so
-    ``antidoor grid benchmarks/regime_study.yaml --resume`` on the committed store reruns exactly those and their stress."""
+    defaults again: one round of 10 epochs, run at them in the study since), so those and their stress are exactly the
+    stages ``antidoor grid benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a
+    checkpoint they need is gone, the grid retrains it first; benchmarks/regime.md)."""
     import sqlite3
     from collections import Counter
 

@@ -113,7 +113,7 @@ class Pace:
         self.start: float | None = None  # the clock and the step count at the first step
         self.first = 0
         self.estimate: float | None = None  # seconds for the whole loop, once made
-        self.last_beat: float | None = None
+        self.last_beat = 0.0  # the clock at the last heartbeat line (the first step's until one is written)
 
     def __call__(self, n: int = 1) -> None:
         self.done += n
@@ -125,8 +125,7 @@ class Pace:
         if self.start is None:
             self.start, self.first, self.last_beat = now, self.done, now
             return
-        if self.heartbeat is not None and self.last_beat is not None and now - self.last_beat >= self.heartbeat \
-                and self.done < self.total:
+        if self.heartbeat is not None and now - self.last_beat >= self.heartbeat and self.done < self.total:
             self.last_beat = now
             left = (now - self.start) / max(self.done - self.first, 1) * (self.total - self.done)
             info(f"{self.description}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), "
@@ -151,8 +150,9 @@ def progress_bar(total: int, description: str, hint: str = "") -> Iterator[Any]:
     loop estimated to take longer than :data:`LONG_RUN_SECONDS` is announced once with its estimate
     (:class:`Pace`) and ``hint`` (how to make it shorter).
     """
-    pace = Pace(total, description, hint, heartbeat=None if _quiet or sys.stderr.isatty() else HEARTBEAT_SECONDS)
-    if not show_progress():
+    shown = show_progress()
+    pace = Pace(total, description, hint, heartbeat=None if shown or _quiet else HEARTBEAT_SECONDS)
+    if not shown:
         def quiet_advance(n: int = 1, **fields: Any) -> None:
             pace(n)
 
