@@ -34,11 +34,10 @@ from typing import Any
 import torch
 
 from antidoor.checkpoint import load_checkpoint
-from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, input_mse
+from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, input_mse, new_inversion, objective_terms
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.pipeline import Scenario
-from antidoor.utils import generator_for
 
 BUDGETS: dict[str, dict[str, int]] = {
     # benchmarks/regime_study.yaml's cut for bti-dbf and pam
@@ -60,19 +59,18 @@ def generated(gen: UNetGenerator, x: torch.Tensor, batch: int = 500) -> torch.Te
     return torch.cat([gen(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
+def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     sc = Scenario.from_checkpoint(ckpt, device="cpu")
     seed = int(ckpt.meta.get("seed", 0))
     data = sc.defender_data()
-    p = BTIDBFParams(**BUDGETS[budget])
+    p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
     model = ckpt.model.eval()
     t0 = time.perf_counter()
-    # the defense's own round 1 (BTIDBF.purify): one generator stream seeded with the defense's seed
-    g = generator_for(data.device, seed)
-    gen = UNetGenerator(data.x.shape[1], p.generator_width)
-    gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
-    _, detected = first_round_inversion(gen, gen_opt, copy.deepcopy(model).eval().requires_grad_(False), data, p, g)
+    # the defense's own round 1 (BTIDBF.purify): G's initial weights and the inversion's stream from its seed
+    torch.manual_seed(seed)
+    gen, gen_opt, g = new_inversion(data, p, seed)
+    mask, detected = first_round_inversion(gen, gen_opt, copy.deepcopy(model).eval().requires_grad_(False), data, p, g)
     seconds = time.perf_counter() - t0
 
     target = sc.attack.target
@@ -81,11 +79,14 @@ def probe(path: Path, clean_path: Path | None, budget: str) -> dict[str, Any]:
     stamped = sc.attack.apply(x_val)
     out: dict[str, Any] = {
         "checkpoint": str(path), "attack": ckpt.meta.get("attack"), "seed": seed, "budget": budget,
-        "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")},
+        "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")} | (overrides or {}),
+        "g_init": "seeded as the defense seeds it",  # records without this field built G from an unseeded generator
         "detected_target": detected, "true_target": target, "found": detected == target,
         "n_images": len(x_val), "pixel_mse": float((gx - x_val).pow(2).mean()),
         "input_mse": float(input_mse(model, gx, x_val)),  # what norm_bound bounds (normalised units)
         "backdoored": {"g_x": class_shares(model, gx), "trigger": class_shares(model, stamped)},
+        # the generator objective's terms (with round 1's mask) for G(x) and for the real trigger
+        "objective": {"g_x": objective_terms(model, mask, x_val, gx), "trigger": objective_terms(model, mask, x_val, stamped)},
         "seconds": round(seconds, 1),
     }
     if clean_path is not None:
@@ -99,10 +100,13 @@ def main() -> None:
     ap.add_argument("checkpoints", nargs="+", type=Path, help="backdoored checkpoints (.safetensors with sidecar)")
     ap.add_argument("--clean", type=Path, help="a clean model of the same data and seed, for comparison")
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="study")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="another BTI-DBF parameter for the inversion, e.g. --set norm_bound=0.1 (repeatable)")
     ap.add_argument("--out", type=Path, help="append the results to this JSON file (a list)")
     args = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     for path in args.checkpoints:
-        res = probe(path, args.clean, args.budget)
+        res = probe(path, args.clean, args.budget, overrides)
         t = res["true_target"]
         line = (f"{path.name}: {res['attack']['name']} seed {res['seed']}, budget {args.budget}: detected class "
                 f"{res['detected_target']} (target {t}); backdoored model sends {res['backdoored']['g_x'][t]:.1%} of G(x) "

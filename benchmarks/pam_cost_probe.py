@@ -33,12 +33,11 @@ from typing import Any
 import torch
 
 from antidoor.checkpoint import load_checkpoint
-from antidoor.defenses.btidbf import UNetGenerator, first_round_inversion
+from antidoor.defenses.btidbf import UNetGenerator, first_round_inversion, new_inversion
 from antidoor.defenses.pam import PAMDefense, PAMParams
 from antidoor.defenses.tuning import tune
 from antidoor.metrics import predict
 from antidoor.pipeline import Scenario
-from antidoor.utils import generator_for
 from inversion_probe import generated
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -58,9 +57,7 @@ def inversion(model: torch.nn.Module, data: Any, p: PAMParams, seed: int, cache:
         return saved["gen"], saved["opt"], saved["mask"], int(saved["target"]), saved["rng"], float(saved["seconds"])
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # G's initial weights, as rho: auto seeds them before each run
-    g = generator_for(data.device, seed)
-    gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
-    gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
+    gen, gen_opt, g = new_inversion(data, p, seed)
     mask, target = first_round_inversion(gen, gen_opt, copy.deepcopy(model).eval().requires_grad_(False), data, p, g)
     seconds = time.perf_counter() - t0
     state = (gen.state_dict(), gen_opt.state_dict(), mask, target, g.get_state(), seconds)

@@ -13,9 +13,13 @@ from antidoor.defenses.base import validate_defense_spec
 from antidoor.defenses.btidbf import (
     BTIDBF,
     BTIDBFParams,
+    FeatureSplit,
     UNetGenerator,
+    first_round_inversion,
     input_mse,
     n_generated,
+    new_inversion,
+    objective_terms,
     pretrain_generator,
     train_feature_mask,
     train_generator,
@@ -155,6 +159,35 @@ def test_the_generator_phase_keeps_g_within_norm_bound_in_normalised_units(units
     with torch.no_grad():
         d = input_mse(model, gen.eval()(x), x).item()
     assert (d < 2 * norm_bound) == (units == "normalised"), d
+
+
+def test_a_benchmark_seeding_as_purify_does_reproduces_the_defenses_round_one_inversion(badnets_run, defender):
+    """benchmarks/inversion_probe.py and pam_cost_probe.py rebuild round 1 outside the defense; they must get its G."""
+    model = badnets_run.result.model
+    defense = BTIDBF(seed=4, **TINY)
+    defense.keep_first_inversion = True
+    torch.manual_seed(4)  # as purify() does before the defense runs
+    defense.purify(copy.deepcopy(model), defender.without_oracle())
+    gen_state, _, mask, target, _ = defense.first_inversion
+    torch.manual_seed(4)
+    p = BTIDBFParams(**TINY)
+    gen, gen_opt, g = new_inversion(defender, p, 4)
+    probe_mask, probe_target = first_round_inversion(gen, gen_opt, copy.deepcopy(model).eval().requires_grad_(False),
+                                                     defender, p, g)
+    assert probe_target == target and torch.equal(probe_mask, mask)
+    assert all(torch.equal(v, gen_state[k]) for k, v in gen.state_dict().items())
+
+
+def test_objective_terms_measure_what_the_generator_phase_trades(badnets_run, defender):
+    model = copy.deepcopy(badnets_run.result.model).eval()
+    x = defender.x[:40].float().div(255)
+    mask = torch.full_like(FeatureSplit(model).features(x[:1])[0], 0.5)
+    assert objective_terms(model, mask, x, x) == {"benign": 0.0, "backdoor": 0.0, "input_mse": 0.0}
+    stamped = badnets_run.result.scenario.attack.apply(x)
+    terms = objective_terms(model, mask, x, stamped)
+    assert terms["input_mse"] == pytest.approx(input_mse(model, stamped, x).item())
+    # a half mask splits the feature change evenly between the benign and the backdoor term
+    assert terms["backdoor"] > 0 and terms["benign"] == pytest.approx(terms["backdoor"], rel=1e-5)
 
 
 def test_unlearning_batch_replaces_a_share_by_generated_images_and_keeps_the_true_labels(badnets_run, defender):

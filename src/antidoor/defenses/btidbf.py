@@ -306,6 +306,28 @@ def first_round_inversion(gen: UNetGenerator, gen_opt: torch.optim.Optimizer, mo
     return mask, detect_target(gen, model, data, p, g)
 
 
+def new_inversion(data: DefenderData, p: BTIDBFParams, seed: int) -> tuple[UNetGenerator, torch.optim.Optimizer, torch.Generator]:
+    """G, its Adam (one optimiser across rounds, as in the authors' code) and the inversion's random stream.
+    G's initial weights come from torch's global generator, which :func:`~antidoor.defenses.base.purify` seeds with
+    the defense's seed just before (a caller outside it, e.g. a benchmark, seeds it the same way)."""
+    g = generator_for(data.device, seed)
+    gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
+    return gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr), g
+
+
+@torch.no_grad()
+def objective_terms(model: Classifier, mask: torch.Tensor, x: torch.Tensor, x_inv: torch.Tensor) -> dict[str, float]:
+    """The generator phase's terms for an inverted batch ``x_inv`` of the clean images ``x``: the benign-feature MSE,
+    the backdoor-feature MSE (what G maximises) and the pixel MSE the budget bounds (normalised units). Measuring
+    them for G(x) and for the real trigger tells whether an inversion that missed the trigger was the objective's
+    choice or the optimiser's."""
+    split = FeatureSplit(model)
+    feat, feat_inv = split.features(x).float(), split.features(x_inv).float()
+    return {"benign": float(F.mse_loss(mask * feat_inv, mask * feat)),
+            "backdoor": float(F.mse_loss((1 - mask) * feat_inv, (1 - mask) * feat)),
+            "input_mse": float(input_mse(model, x_inv, x))}
+
+
 def n_generated(batch: int, ratio: float) -> int:
     return max(1, min(batch, round(ratio * batch)))
 
@@ -334,9 +356,7 @@ class BTIDBF(Defense):
         self.check_batch(p.batch_size, data)
         device = data.device
         prepare_model(model, device)
-        g = generator_for(device, self.seed)
-        gen = UNetGenerator(data.x.shape[1], p.generator_width).to(device)
-        gen_opt = torch.optim.Adam(gen.parameters(), lr=p.generator_lr)  # one optimiser across rounds, as in the paper's code
+        gen, gen_opt, g = new_inversion(data, p, self.seed)
         cfg = self.unlearning_config()
         optimizer = self.make_optimizer(model, cfg)
         target = None
