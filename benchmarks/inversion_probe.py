@@ -59,10 +59,11 @@ def generated(gen: UNetGenerator, x: torch.Tensor, batch: int = 500) -> torch.Te
     return torch.cat([gen(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
-def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str, Any] | None = None,
+          seed: int | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     sc = Scenario.from_checkpoint(ckpt, device="cpu")
-    seed = int(ckpt.meta.get("seed", 0))
+    seed = int(ckpt.meta.get("seed", 0)) if seed is None else seed
     data = sc.defender_data()
     p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
     model = ckpt.model.eval()
@@ -102,11 +103,12 @@ def main() -> None:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="study")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="another BTI-DBF parameter for the inversion, e.g. --set norm_bound=0.1 (repeatable)")
+    ap.add_argument("--seed", type=int, help="the defense's seed (default: the checkpoint's, as the study uses)")
     ap.add_argument("--out", type=Path, help="append the results to this JSON file (a list)")
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     for path in args.checkpoints:
-        res = probe(path, args.clean, args.budget, overrides)
+        res = probe(path, args.clean, args.budget, overrides, args.seed)
         t = res["true_target"]
         line = (f"{path.name}: {res['attack']['name']} seed {res['seed']}, budget {args.budget}: detected class "
                 f"{res['detected_target']} (target {t}); backdoored model sends {res['backdoored']['g_x'][t]:.1%} of G(x) "
