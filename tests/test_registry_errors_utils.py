@@ -291,6 +291,35 @@ def test_a_progress_bar_in_a_log_file_beats_and_a_quiet_one_does_not(monkeypatch
         assert len(beats) == expected  # steps 2 and 3 (the first starts the clock; the last needs no line)
 
 
+def test_a_quiet_grid_job_still_beats_under_its_stage_label(monkeypatch, capsys):
+    import antidoor.utils as utils
+
+    monkeypatch.setattr(utils, "HEARTBEAT_SECONDS", 0.0)
+    monkeypatch.setattr(utils, "_quiet", True)
+    monkeypatch.setattr(utils, "_beat_label", "purify cifar10/badnets/pam seed 2")
+    with utils.progress_bar(4, "pam: unlearn round 1") as advance:
+        for _ in range(4):
+            advance()
+    utils.info("an info line")  # still silent: only the heartbeats pass
+    err = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines()]
+    assert len(err) == 2 and all(line.startswith("purify cifar10/badnets/pam seed 2: pam: unlearn round 1: ") for line in err)
+
+
+def test_a_grid_job_beats_with_its_stage_label_and_a_quiet_grid_does_not(tmp_path, monkeypatch, capsys):
+    import antidoor.utils as utils
+    from antidoor.experiment import stages
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(stages, "_execute", lambda job: seen.append(utils._beat_label) or {"status": "done"})
+    job = stages.Job(stage=stages.Stage("purify", {}, {"dataset": "d", "defense": "pam", "seed": 2}),
+                     study_dir=str(tmp_path), device="cpu", threads=1, versions={})
+    for quiet in (False, True):
+        monkeypatch.setattr(utils, "_quiet", quiet)
+        stages.execute(job)
+        assert utils._quiet is quiet and utils._beat_label is None  # restored for the driver
+    assert seen[0] == job.stage.describe() and seen[1] is None
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(42, "42 s"), (420, "7 min"), (7500, "2 h 05 min")])
 def test_format_duration(seconds, text):
     from antidoor.utils import format_duration

@@ -29,6 +29,14 @@ from antidoor.errors import AntidoorError
 
 console = Console(stderr=True)
 _quiet = False
+_beat_label: str | None = None  # a grid job's stage: its loops' heartbeats still print, under this label
+
+
+def set_beat_label(label: str | None) -> None:
+    """While a grid job runs quiet, keep its loops' heartbeat lines, prefixed by ``label`` (the stage):
+    a stage of an hour otherwise leaves a background grid's log silent for that hour. ``None`` ends it."""
+    global _beat_label
+    _beat_label = label
 
 
 def set_quiet(quiet: bool) -> None:
@@ -128,8 +136,12 @@ class Pace:
         if self.heartbeat is not None and now - self.last_beat >= self.heartbeat and self.done < self.total:
             self.last_beat = now
             left = (now - self.start) / max(self.done - self.first, 1) * (self.total - self.done)
-            info(f"{self.description}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), "
-                 f"about {format_duration(left)} left")
+            line = f"{self.description}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), " \
+                   f"about {format_duration(left)} left"
+            if _beat_label is not None:
+                console.print(f"{_beat_label}: {line}", highlight=False, markup=False, soft_wrap=True)  # one line in a log
+            else:
+                info(line)
         if self.estimate is not None:
             return
         timed = self.done - self.first
@@ -151,7 +163,8 @@ def progress_bar(total: int, description: str, hint: str = "") -> Iterator[Any]:
     (:class:`Pace`) and ``hint`` (how to make it shorter).
     """
     shown = show_progress()
-    pace = Pace(total, description, hint, heartbeat=None if shown or _quiet else HEARTBEAT_SECONDS)
+    beats = not shown and (not _quiet or _beat_label is not None)
+    pace = Pace(total, description, hint, heartbeat=HEARTBEAT_SECONDS if beats else None)
     if not shown:
         def quiet_advance(n: int = 1, **fields: Any) -> None:
             pace(n)

@@ -325,12 +325,14 @@ def execute(job: Job) -> dict[str, Any]:
     from antidoor import utils
 
     quiet, threads = utils._quiet, torch.get_num_threads()
-    utils.set_quiet(True)  # a job prints nothing; the driver reports each finished stage
+    utils.set_quiet(True)  # a job prints nothing but its heartbeats; the driver reports each finished stage
+    utils.set_beat_label(None if quiet else job.stage.describe())
     try:
         torch.set_num_threads(job.threads)
         return _execute(job)
     finally:  # the inline backend runs jobs in the driver's own process
         utils.set_quiet(quiet)
+        utils.set_beat_label(None)
         torch.set_num_threads(threads)
 
 
