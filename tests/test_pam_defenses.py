@@ -17,6 +17,7 @@ from antidoor.defenses.btidbf import (
     UNetGenerator,
     first_round_inversion,
     input_mse,
+    inversion_score,
     n_generated,
     new_inversion,
     objective_terms,
@@ -176,6 +177,25 @@ def test_a_benchmark_seeding_as_purify_does_reproduces_the_defenses_round_one_in
                                                      defender, p, g)
     assert probe_target == target and torch.equal(probe_mask, mask)
     assert all(torch.equal(v, gen_state[k]) for k, v in gen.state_dict().items())
+
+
+def test_restarted_inversion_keeps_the_start_that_scores_highest(badnets_run, defender):
+    model = copy.deepcopy(badnets_run.result.model).eval().requires_grad_(False)
+    p = BTIDBFParams(**{**TINY, "restarts": 3})
+    torch.manual_seed(5)
+    gen, gen_opt, g = new_inversion(defender, p, 5)
+    scores: list[float] = []
+    mask, target = first_round_inversion(gen, gen_opt, model, defender, p, g, scores)
+    assert len(scores) == 3 and len(set(scores)) == 3  # three different starts
+    assert inversion_score(gen, model, mask, defender, p) == pytest.approx(max(scores), rel=1e-5)  # the best one is loaded
+    assert target in range(10)
+    # the defense records which start it kept; one start (the default) scores nothing and records nothing
+    chosen: dict[str, float] = {}
+    purify(badnets_run.result.model, defender, "bti-dbf", seed=5, chosen=chosen, **{**TINY, "restarts": 2})
+    assert chosen["inversion_start"] in (1.0, 2.0)
+    chosen.clear()
+    purify(badnets_run.result.model, defender, "bti-dbf", seed=5, chosen=chosen, **TINY)
+    assert set(chosen) == {"detected_target"}
 
 
 def test_objective_terms_measure_what_the_generator_phase_trades(badnets_run, defender):
