@@ -82,6 +82,19 @@ def test_a_field_added_at_its_default_leaves_stage_keys_alone() -> None:
     assert "curves" not in dumped["ra"] and ModelStressConfig(**dumped) == ModelStressConfig()
 
 
+def test_a_defense_parameter_added_at_its_default_leaves_stage_keys_alone() -> None:
+    """BTI-DBF's ``restarts`` (and PAM's, inherited) came after studies were stored: at its default it is not keyed."""
+    study = {**TINY, "defenses": [{"name": "bti-dbf", "rounds": 1}, {"name": "pam"}]}
+    stages = plan(load_study(base=study))
+    defaults = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 1},
+                                                           {"name": "pam", "restarts": 1}]}))
+    assert [s.key for s in stages] == [s.key for s in defaults]
+    purify = [s for s in stages if s.kind == "purify"]
+    assert all("restarts" not in s.config["defense"] and "rounds" in s.config["defense"] for s in purify)
+    changed = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 2}, {"name": "pam"}]}))
+    assert sorted(s.labels["defense"] for s, old in zip(changed, stages, strict=True) if s.key != old.key) == ["bti-dbf"]
+
+
 def test_plan_shares_stages_and_keys_follow_the_config() -> None:
     study = {**TINY, "attacks": [{"name": "badnets"}, {"name": "blended"}],
              "defenses": [{"name": "ft"}, {"name": "sau"}], "seeds": [0, 1]}

@@ -95,6 +95,17 @@ def key_dump(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(exclude=neutral(config) or None)
 
 
+def defense_key_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A defense spec (every parameter filled in) as it enters stage keys: without the parameters its ``Params``
+    lists in ``KEY_NEUTRAL_DEFAULTS`` while they hold their default (:func:`key_dump`'s rule for defenses). The
+    job runs the spec as keyed: a left-out parameter takes the default it had."""
+    from antidoor.defenses.base import DEFENSES
+
+    params = DEFENSES.get(str(spec["name"])).Params
+    skip = getattr(params, "KEY_NEUTRAL_DEFAULTS", frozenset())
+    return {k: v for k, v in spec.items() if not (k in skip and v == params.model_fields[k].default)}
+
+
 def plan(study: StudyConfig) -> list[Stage]:
     """Every stage of the study, each once (shared stages deduplicated by key), upstream first."""
     stages: dict[str, Stage] = {}
@@ -125,7 +136,7 @@ def plan(study: StudyConfig) -> list[Stage]:
                         for role, row in (("backdoored", "none"), ("clean", "clean")):
                             add(Stage("stress", {"stage": "stress", "role": role, "stress": {"ra": stress["ra"]},
                                                  "upstream": atk.config}, {**lab, "attack": a_label, "defense": row}, refs))
-                    for defense, p_label in zip(study.defenses, defense_labels, strict=True):
+                    for defense, p_label in zip(map(defense_key_spec, study.defenses), defense_labels, strict=True):
                         pur = add(Stage("purify", {"stage": "purify", "defense": defense, "curves": study.curves,
                                                    "upstream": atk.config},
                                         {**lab, "attack": a_label, "defense": p_label}, {"attack": atk.key}))
