@@ -59,6 +59,28 @@ def generated(gen: UNetGenerator, x: torch.Tensor, batch: int = 500) -> torch.Te
     return torch.cat([gen(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
+@torch.no_grad()
+def trigger_scales(path: Path, clean_path: Path | None, scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> dict[str, Any]:
+    """The real trigger's change x' - x scaled by each factor (alpha 0.05-0.2 for a blend at 0.2): its pixel MSE in
+    normalised units (what ``norm_bound`` bounds) and the share of the validation images outside the target that the
+    backdoored (and clean) model then gives to the target. No inversion runs."""
+    ckpt = load_checkpoint(path)
+    sc = Scenario.from_checkpoint(ckpt, device="cpu")
+    data, model, target = sc.defender_data(), ckpt.model.eval(), sc.attack.target
+    clean = load_checkpoint(clean_path).model.eval() if clean_path is not None else None
+    x = data.x_val[data.y_val != target].float().div(255)
+    delta = sc.attack.apply(x) - x
+    rows = []
+    for k in scales:
+        xs = x + k * delta
+        row = {"scale": k, "input_mse": float(input_mse(model, xs, x)), "asr": class_shares(model, xs)[target]}
+        if clean is not None:
+            row["clean_model_to_target"] = class_shares(clean, xs)[target]
+        rows.append(row)
+    return {"checkpoint": str(path), "attack": ckpt.meta.get("attack"), "true_target": target, "n_images": len(x),
+            "trigger_scales": rows}
+
+
 def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str, Any] | None = None,
           seed: int | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
@@ -104,10 +126,19 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="another BTI-DBF parameter for the inversion, e.g. --set norm_bound=0.1 (repeatable)")
     ap.add_argument("--seed", type=int, help="the defense's seed (default: the checkpoint's, as the study uses)")
+    ap.add_argument("--trigger-scales", action="store_true",
+                    help="no inversion: measure the real trigger scaled by 0.25-1 (pixel MSE against norm_bound, asr)")
     ap.add_argument("--out", type=Path, help="append the results to this JSON file (a list)")
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
     for path in args.checkpoints:
+        if args.trigger_scales:
+            res = trigger_scales(path, args.clean)
+            for row in res["trigger_scales"]:
+                print(f"{path.name}: trigger x {row['scale']:g}: pixel MSE (normalised) {row['input_mse']:.3f}, "
+                      f"asr {row['asr']:.1%}, clean model to the target {row.get('clean_model_to_target', float('nan')):.1%}")
+            _append(args.out, res)
+            continue
         res = probe(path, args.clean, args.budget, overrides, args.seed)
         t = res["true_target"]
         line = (f"{path.name}: {res['attack']['name']} seed {res['seed']}, budget {args.budget}: detected class "
@@ -116,10 +147,14 @@ def main() -> None:
         if "clean" in res:
             line += f"; the clean model {res['clean']['g_x'][t]:.1%} of G(x)"
         print(line + f" ({res['seconds']} s)", flush=True)
-        if args.out:
-            prior = json.loads(args.out.read_text()) if args.out.exists() else []
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps([*prior, res], indent=1))
+        _append(args.out, res)
+
+
+def _append(out: Path | None, res: dict[str, Any]) -> None:
+    if out:
+        prior = json.loads(out.read_text()) if out.exists() else []
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps([*prior, res], indent=1))
 
 
 if __name__ == "__main__":
