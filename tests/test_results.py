@@ -33,6 +33,33 @@ def test_resumed_study_shows_each_stages_latest_attempt(resumed_store):
     assert not any("did not finish" in n for n in report.notes)
 
 
+def test_a_purification_rerun_under_new_settings_does_not_borrow_the_old_ones_stress(tmp_path):
+    """A resumed study reran PAM under new defaults and stopped before stressing it: its row must not show the p_asr
+    of the model it replaced."""
+    from antidoor.experiment.stages import config_key
+
+    attack = {"stage": "attack", "attack": {"name": "badnets"}}
+    old, new = ({"stage": "purify", "defense": {"name": "pam", "epochs": e}, "upstream": attack} for e in (30, 10))
+
+    def stress_of(purify: dict) -> dict:
+        return {"stage": "stress", "role": "purified", "stress": {}, "upstream": purify}
+
+    with Store(tmp_path / STORE_NAME) as store:
+        def record(config: dict, stage: str, labels: dict, metrics: list[Metric]) -> None:
+            store.finish(store.start(config_key(config), stage, config, labels), metrics)
+
+        record(attack, "attack", {**LABELS, "defense": None}, [Metric("attack", "asr", 0.97)])
+        pam = {**LABELS, "defense": "pam"}
+        record(old, "purify", pam, [Metric("purify", "asr", 0.40)])
+        record(stress_of(old), "stress", pam, [Metric("stress", "p_asr", 0.41)])
+        record(new, "purify", pam, [Metric("purify", "asr", 0.02)])
+        row = next(r for r in result_rows(store) if r["defense"] == "pam")
+        assert row["asr"] == 0.02 and "p_asr" not in row
+        record(stress_of(new), "stress", pam, [Metric("stress", "p_asr", 0.03)])
+        row = next(r for r in result_rows(store) if r["defense"] == "pam")
+        assert (row["asr"], row["p_asr"]) == (0.02, 0.03)
+
+
 def test_report_names_the_seeds_the_store_holds_not_only_the_last_runs_plan(tmp_path):
     """A study resumed for one seed (``--set seeds=[2]``) records that subset as its config; the report still says
     which seeds its tables hold."""

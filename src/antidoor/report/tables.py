@@ -10,13 +10,14 @@ are read by :func:`curve_rows`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 from collections import defaultdict
 from typing import Any
 
-from antidoor.experiment.store import Store
+from antidoor.experiment.store import Store, canonical_json
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
 # the standard four, a defense's cost in clean accuracy, the defender's validation accuracy, then the stress
@@ -34,14 +35,31 @@ def _role(run: dict[str, Any], metric_stage: str) -> str:
 
 def latest_runs(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
     """Each stage's latest attempt only: a stage that failed and was then run again under another key (a resumed
-    study with changed settings) shows its latest outcome, not both."""
+    study with changed settings) shows its latest outcome, not both. A run made from another model than its
+    upstream stage's latest (a stress run of a purification since rerun under new settings, not yet stressed
+    again) is left out, so no row mixes two models' numbers."""
     latest: dict[tuple, dict[str, Any]] = {}
-    for run in store.runs(stage):
+    for run in store.runs():
         key = (run["stage"], *(run[k] for k in KEYS))
         old = latest.get(key)
         if old is None or (run["started"] or 0, run["id"]) >= (old["started"] or 0, old["id"]):
             latest[key] = run
-    return sorted(latest.values(), key=lambda r: r["id"])
+    current = [r for r in latest.values() if not _stale(r, latest) and (stage is None or r["stage"] == stage)]
+    return sorted(current, key=lambda r: r["id"])
+
+
+def _stale(run: dict[str, Any], latest: dict[tuple, dict[str, Any]]) -> bool:
+    """Whether ``run`` was made from an upstream model that is no longer its upstream stage's latest run."""
+    config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+    upstream = config.get("upstream") if isinstance(config, dict) else None
+    if run["stage"] not in ("purify", "stress") or not isinstance(upstream, dict):
+        return False
+    up_stage = "purify" if run["stage"] == "stress" and config.get("role") == "purified" else "attack"
+    labels = {k: run[k] for k in KEYS}
+    if up_stage == "attack":
+        labels["defense"] = None
+    up = latest.get((up_stage, *(labels[k] for k in KEYS)))
+    return up is not None and up["key"] != hashlib.sha256(canonical_json(upstream).encode()).hexdigest()
 
 
 def result_rows(store: Store) -> list[dict[str, Any]]:
