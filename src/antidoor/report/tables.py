@@ -59,7 +59,14 @@ def _stale(run: dict[str, Any], latest: dict[tuple, dict[str, Any]]) -> bool:
     if up_stage == "attack":
         labels["defense"] = None
     up = latest.get((up_stage, *(labels[k] for k in KEYS)))
-    return up is not None and up["key"] != hashlib.sha256(canonical_json(upstream).encode()).hexdigest()
+    if up is None or up["key"] != _config_hash(up["config"]):
+        return False  # no upstream run, or keys not made the grid's way (hashes of their configs): nothing to compare
+    return up["key"] != _config_hash(upstream)
+
+
+def _config_hash(config: Any) -> str:
+    """A stage's key as the grid makes it (:func:`antidoor.experiment.stages.config_key`), from a stored config."""
+    return hashlib.sha256(canonical_json(json.loads(config) if isinstance(config, str) else config).encode()).hexdigest()
 
 
 def result_rows(store: Store) -> list[dict[str, Any]]:
