@@ -80,8 +80,8 @@ Deviations from the official code, and why:
 - ``restarts`` (not in the paper; default 1, the official single run): round 1's inversion from several starts
   of G, keeping the one whose G scores highest on the generator phase's own objective, measured on the defender's
   validation images (:func:`inversion_score`; ``chosen.inversion_start`` records which). On the regime study's
-  BadNets model a single start landed on the trigger in some runs and on a universal adversarial perturbation in
-  others, and the start that found the trigger had the highest score (``benchmarks/regime.md``).
+  BadNets model, at the study's cut inversion (5 epochs a phase), a single start landed on the trigger in 2 runs of 6
+  and on a universal adversarial perturbation in the others, and those 2 scored highest (``benchmarks/regime.md``).
 - Subclasses (``pam``) change the unlearning optimiser through :meth:`BTIDBF.make_optimizer`.
 """
 
@@ -127,9 +127,9 @@ class BTIDBFParams(DefenseParams):
     bound_units: Literal["normalised", "pixels"] = Field(
         "normalised", description="units of norm_bound, the pretraining switch (0.1) and target_noise: the classifier's "
                                   "normalised units (official) or [0, 1] pixels (antidoor before 2026-12-05)")
-    restarts: int = Field(1, ge=1, description="round-1 inversions from different starts of G; the one that moves "
-                                               "the backdoor features most on the defender's validation images is kept "
-                                               "(1: the official single run)")
+    restarts: int = Field(1, ge=1, description="round-1 inversions from different starts of G; the one scoring "
+                                               "highest on the generator objective over the defender's validation "
+                                               "images is kept (1: the official single run)")
     epochs: int = Field(30, ge=1, description="unlearning epochs per round")
     optimizer: Literal["sgd", "adam"] = Field("adam", description="unlearning optimiser")
     lr: float = Field(1e-4, gt=0, description="unlearning learning rate")
@@ -344,9 +344,9 @@ def first_round_inversion(gen: UNetGenerator, gen_opt: torch.optim.Optimizer, mo
 def inversion_score(gen: UNetGenerator, model: Classifier, mask: torch.Tensor, data: DefenderData, p: BTIDBFParams,
                     batch: int = 500) -> float:
     """What the generator phase maximises, on the defender's validation images (all its images if it has none):
-    the backdoor-feature MSE of G(x) minus ``benign_weight`` times its benign-feature MSE. On the regime study's
-    BadNets model the one start of three whose G found the trigger scored highest (``benchmarks/regime.md``,
-    "Why the inversion misses")."""
+    the backdoor-feature MSE of G(x) minus ``benign_weight`` times its benign-feature MSE. Of six starts on the regime
+    study's BadNets model (the study's cut inversion), the two that found the trigger scored highest
+    (``benchmarks/regime.md``, "Why the inversion misses")."""
     gen.eval()
     x_all = data.x_val if len(data.x_val) else data.x
     total = 0.0
