@@ -38,6 +38,7 @@ from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_in
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.pipeline import Scenario
+from antidoor.train import prepare_model
 
 BUDGETS: dict[str, dict[str, int]] = {
     # benchmarks/regime_study.yaml's cut for bti-dbf and pam
@@ -88,7 +89,7 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
     seed = int(ckpt.meta.get("seed", 0)) if seed is None else seed
     data = sc.defender_data()
     p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
-    model = ckpt.model.eval()
+    model = prepare_model(ckpt.model.eval(), data.device)  # channels_last, as the defense computes with it
     t0 = time.perf_counter()
     # the defense's own round 1 (BTIDBF.purify): G's initial weights and the inversion's stream from its seed
     torch.manual_seed(seed)
