@@ -21,13 +21,14 @@ the defender's validation data (``chosen.*``: PAM's rho).
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from antidoor.experiment.stages import STORE_NAME
 from antidoor.experiment.store import Store
-from antidoor.report.tables import aggregate, curve_rows, label_name, result_rows
+from antidoor.report.tables import aggregate, curve_rows, label_name, latest_runs, result_rows
 from antidoor.report.verdicts import seed_verdicts
 
 SAU_ASR_MAX, COST_MAX, PAM_EP_GAP_MAX, QRA_GAP_MIN = 0.05, 0.03, 0.05, 0.10
@@ -55,6 +56,8 @@ def findings(folder: Path) -> str:
         rows = result_rows(store)
         verdicts = seed_verdicts(store)
         curves = [c for c in curve_rows(store) if c["family"] == "path" and c["metric"] == "asr"]
+        specs = {(r["dataset"], r["model"], r["attack"], label_name(r["defense"]), r["seed"]): json.loads(r["config"])["defense"]
+                 for r in latest_runs(store, "purify")}
     by_seed: dict[tuple, dict[int, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         by_seed[(r["dataset"], r["model"], r["attack"])][r["seed"]][label_name(r["defense"])] = r
@@ -79,6 +82,10 @@ def findings(folder: Path) -> str:
         means = {label_name(a["defense"]): a for a in aggregate([r for s in listed for r in complete[s].values()])}
         for d in names:
             out.append(f"| {d} | {means[d]['n']} | " + " | ".join(mean_sd(means[d], c) for c, _ in MODEL_COLUMNS) + " |")
+        mixed = _mixed_settings(specs, (dataset, model, attack), names, listed)
+        if mixed:
+            out += ["", "**Rows made under different settings** (a resumed study whose defaults changed, rerun in part):", "",
+                    *mixed]
         out += ["", "| finding | model | criterion | per seed | holds |", "|---|---|---|---|---:|"]
         out += _finding_rows(complete, listed, {k[3]: v for k, v in verdicts.items() if k[:3] == (dataset, model, attack)})
         out += ["", *_path_table(curves, dataset, model, attack, listed, names), ""]
@@ -92,6 +99,23 @@ def findings(folder: Path) -> str:
                         out.append(f"- {d} `{c}`: " + "; ".join(per))
             out.append("")
     return "\n".join(out) + "\n"
+
+
+def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: list[str], seeds: list[int]) -> list[str]:
+    """One line per defense whose seeds ran under different parameters: the differing ones, per group of seeds."""
+    lines = []
+    for d in names:
+        per = {s: specs.get((*block, d, s)) for s in seeds}
+        known = {s: spec for s, spec in per.items() if spec is not None}
+        keys = sorted({k for spec in known.values() for k in spec if len({json.dumps(v.get(k)) for v in known.values()}) > 1})
+        if not keys:
+            continue
+        groups: dict[str, list[int]] = defaultdict(list)
+        for s, spec in known.items():
+            groups[", ".join(f"{k}: {spec.get(k, '(not a parameter then)')}" for k in keys)].append(s)
+        lines.append(f"- {d}: " + "; ".join(f"seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))}: {text}"
+                                             for text, ss in groups.items()))
+    return lines
 
 
 def _finding_rows(models: dict[int, dict[str, dict[str, Any]]], seeds: list[int], verdicts: dict[str, list]) -> list[str]:
