@@ -105,8 +105,7 @@ def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: lis
     """One line per defense whose seeds ran under different parameters: the differing ones, per group of seeds."""
     lines = []
     for d in names:
-        per = {s: specs.get((*block, d, s)) for s in seeds}
-        known = {s: spec for s, spec in per.items() if spec is not None}
+        known = {s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None}
         keys = sorted({k for spec in known.values() for k in spec if len({json.dumps(v.get(k)) for v in known.values()}) > 1})
         if not keys:
             continue

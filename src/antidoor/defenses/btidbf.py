@@ -271,6 +271,12 @@ def train_feature_mask(model: Classifier, data: DefenderData, p: BTIDBFParams, g
     return (torch.tanh(logit) / 2 + 0.5).detach()
 
 
+def feature_terms(mask: torch.Tensor, feat: torch.Tensor, feat_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator phase's feature terms: the MSE of the benign (masked) features and of the others ("backdoor")
+    between clean images' features ``feat`` and their inverted versions' ``feat_inv``."""
+    return F.mse_loss(mask * feat_inv, mask * feat), F.mse_loss((1 - mask) * feat_inv, (1 - mask) * feat)
+
+
 def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Classifier, mask: torch.Tensor,
                     data: DefenderData, p: BTIDBFParams, g: torch.Generator, target: int | None) -> None:
     """(b) G keeps the benign (masked) features and moves the others, within the pixel budget;
@@ -284,8 +290,7 @@ def train_generator(gen: UNetGenerator, opt: torch.optim.Optimizer, model: Class
                 feat = split.features(x).float()
             gx = gen(x).float()
             feat_g = split.features(gx).float()
-            benign = F.mse_loss(mask * feat_g, mask * feat)
-            backdoor = F.mse_loss((1 - mask) * feat_g, (1 - mask) * feat)
+            benign, backdoor = feature_terms(mask, feat, feat_g)
             pixel = _budget_mse(model, p, gx, x)
             # the switch without a host round trip: the gradient flows through the chosen branch only
             loss = torch.where((pixel > p.norm_bound) | (benign > p.feat_bound), pixel, -backdoor + p.benign_weight * benign)
@@ -318,11 +323,7 @@ def first_round_inversion(gen: UNetGenerator, gen_opt: torch.optim.Optimizer, mo
     """
     best: tuple | None = None
     for start in range(p.restarts):
-        if start > 0:
-            gen_i = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
-            opt_i = torch.optim.Adam(gen_i.parameters(), lr=p.generator_lr)
-        else:
-            gen_i, opt_i = gen, gen_opt
+        gen_i, opt_i = (gen, gen_opt) if start == 0 else _generator_and_adam(data, p)
         pretrain_generator(gen_i, model, data, p, g)
         mask = train_feature_mask(model, data, p, g)
         train_generator(gen_i, opt_i, model, mask, data, p, g, None)
@@ -362,9 +363,12 @@ def new_inversion(data: DefenderData, p: BTIDBFParams, seed: int) -> tuple[UNetG
     """G, its Adam (one optimiser across rounds, as in the authors' code) and the inversion's random stream.
     G's initial weights come from torch's global generator, which :func:`~antidoor.defenses.base.purify` seeds with
     the defense's seed just before (a caller outside it, e.g. a benchmark, seeds it the same way)."""
-    g = generator_for(data.device, seed)
+    return *_generator_and_adam(data, p), generator_for(data.device, seed)
+
+
+def _generator_and_adam(data: DefenderData, p: BTIDBFParams) -> tuple[UNetGenerator, torch.optim.Optimizer]:
     gen = UNetGenerator(data.x.shape[1], p.generator_width).to(data.device)
-    return gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr), g
+    return gen, torch.optim.Adam(gen.parameters(), lr=p.generator_lr)
 
 
 @torch.no_grad()
@@ -374,10 +378,8 @@ def objective_terms(model: Classifier, mask: torch.Tensor, x: torch.Tensor, x_in
     them for G(x) and for the real trigger tells whether an inversion that missed the trigger was the objective's
     choice or the optimiser's."""
     split = FeatureSplit(model)
-    feat, feat_inv = split.features(x).float(), split.features(x_inv).float()
-    return {"benign": float(F.mse_loss(mask * feat_inv, mask * feat)),
-            "backdoor": float(F.mse_loss((1 - mask) * feat_inv, (1 - mask) * feat)),
-            "input_mse": float(input_mse(model, x_inv, x))}
+    benign, backdoor = feature_terms(mask, split.features(x).float(), split.features(x_inv).float())
+    return {"benign": float(benign), "backdoor": float(backdoor), "input_mse": float(input_mse(model, x_inv, x))}
 
 
 def n_generated(batch: int, ratio: float) -> int:

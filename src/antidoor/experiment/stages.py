@@ -41,7 +41,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from antidoor.experiment.store import Artifact, Metric, Store, canonical_json
+from antidoor.experiment.store import Artifact, Metric, Store, config_key
 from antidoor.experiment.study import StudyConfig, dataset_label, labels_for, model_label
 
 STORE_NAME = "study.sqlite"
@@ -66,10 +66,6 @@ class Stage:
     def describe(self) -> str:
         parts = [str(self.labels[k]) for k in ("dataset", "model", "attack", "defense") if self.labels.get(k)]
         return f"{self.kind} {'/'.join(parts)} seed {self.labels.get('seed')}"
-
-
-def config_key(config: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
 def artifact_path(kind: str, key: str) -> str:

@@ -22,6 +22,7 @@ This module imports neither torch nor the rest of antidoor (but its errors): wor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -297,6 +298,11 @@ def _mark_failed(c: sqlite3.Connection, run_id: int, error: str, seconds: float 
 def canonical_json(obj: Any) -> str:
     """The one JSON spelling of a config: sorted keys, no spaces, floats as Python writes them."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """A stage's key: the hash of its config's canonical JSON."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
 def worker_name() -> str:

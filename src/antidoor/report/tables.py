@@ -10,14 +10,13 @@ are read by :func:`curve_rows`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
 from collections import defaultdict
 from typing import Any
 
-from antidoor.experiment.store import Store, canonical_json
+from antidoor.experiment.store import Store, config_key
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
 # the standard four, a defense's cost in clean accuracy, the defender's validation accuracy, then the stress
@@ -50,7 +49,7 @@ def latest_runs(store: Store, stage: str | None = None) -> list[dict[str, Any]]:
 
 def _stale(run: dict[str, Any], latest: dict[tuple, dict[str, Any]]) -> bool:
     """Whether ``run`` was made from an upstream model that is no longer its upstream stage's latest run."""
-    config = json.loads(run["config"]) if isinstance(run["config"], str) else run["config"]
+    config = json.loads(run["config"])
     upstream = config.get("upstream") if isinstance(config, dict) else None
     if run["stage"] not in ("purify", "stress") or not isinstance(upstream, dict):
         return False
@@ -59,14 +58,9 @@ def _stale(run: dict[str, Any], latest: dict[tuple, dict[str, Any]]) -> bool:
     if up_stage == "attack":
         labels["defense"] = None
     up = latest.get((up_stage, *(labels[k] for k in KEYS)))
-    if up is None or up["key"] != _config_hash(up["config"]):
+    if up is None or up["key"] != config_key(json.loads(up["config"])):
         return False  # no upstream run, or keys not made the grid's way (hashes of their configs): nothing to compare
-    return up["key"] != _config_hash(upstream)
-
-
-def _config_hash(config: Any) -> str:
-    """A stage's key as the grid makes it (:func:`antidoor.experiment.stages.config_key`), from a stored config."""
-    return hashlib.sha256(canonical_json(json.loads(config) if isinstance(config, str) else config).encode()).hexdigest()
+    return up["key"] != config_key(upstream)
 
 
 def result_rows(store: Store) -> list[dict[str, Any]]:
