@@ -203,7 +203,8 @@ def _save(path: Path, run_cfg: Any, result: Any, extra: dict[str, Any] | None = 
 
 def run_clean(stage: Stage, ctx: StageContext) -> StageOutput:
     """Train the clean reference: the study's recipe, nothing poisoned."""
-    run_cfg, result = _train(stage, ctx, {"name": "none", "pratio": 0.0}, f"{stage.describe()}: clean reference")
+    # the loop's name only: a job's heartbeat lines and the driver's report already name the stage
+    run_cfg, result = _train(stage, ctx, {"name": "none", "pratio": 0.0}, "clean reference")
     path = _save(ctx.artifact(stage), run_cfg, result, {"stage_key": stage.key})
     return StageOutput(_scalars("clean", result.metrics) + _history("clean", result.history), [path])
 
@@ -212,7 +213,7 @@ def run_attack(stage: Stage, ctx: StageContext) -> StageOutput:
     """Train the backdoored model; measure it and the clean reference under its trigger."""
     from antidoor.checkpoint import load_checkpoint
 
-    run_cfg, result = _train(stage, ctx, stage.config["attack"], f"{stage.describe()}: backdoored model")
+    run_cfg, result = _train(stage, ctx, stage.config["attack"], "backdoored model")
     path = _save(ctx.artifact(stage), run_cfg, result, {"stage_key": stage.key})
     clean = load_checkpoint(ctx.deps["clean"]).model.to(result.scenario.device)
     reference = result.scenario.evaluator(clean)
