@@ -269,6 +269,28 @@ def test_without_a_terminal_a_running_loop_says_where_it_is_every_few_minutes(ca
     assert lines[-1] == "pam: unlearn round 1: 96/100 steps (96%), about 4 min left"
 
 
+def test_short_loops_in_a_row_share_the_heartbeat_interval(capsys):
+    from antidoor.utils import BeatClock, Pace
+
+    # a stress stage: loops of 4 steps of 60 s, none as long as the 300-s interval; the shared clock starts at
+    # the first loop's first step (t=60), so lines come at t=360, 660 and 1080 (a loop's first step only starts
+    # its own estimate, its last needs no line)
+    clock, beats = FakeClock(60.0), BeatClock()
+    for k in range(5):
+        pace = Pace(4, f"RA seed {k}", clock=clock, heartbeat=300.0, beats=beats)
+        for _ in range(4):
+            pace()
+    lines = [" ".join(line.split()) for line in capsys.readouterr().err.splitlines() if "steps (" in line]
+    assert lines == ["RA seed 1: 2/4 steps (50%), about 2 min left", "RA seed 2: 3/4 steps (75%), about 60 s left",
+                     "RA seed 4: 2/4 steps (50%), about 2 min left"]
+    # alone, each loop keeps its own interval: none of them reaches it
+    for k in range(5):
+        pace = Pace(4, f"RA seed {k}", clock=clock, heartbeat=300.0)
+        for _ in range(4):
+            pace()
+    assert "steps (" not in capsys.readouterr().err
+
+
 def test_no_heartbeat_without_asking(capsys):
     from antidoor.utils import Pace
 

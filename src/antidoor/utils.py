@@ -32,11 +32,25 @@ _quiet = False
 _beat_label: str | None = None  # a grid job's stage: its loops' heartbeats still print, under this label
 
 
+class BeatClock:
+    """When the last heartbeat line was written (``None``: not yet). One is shared by every progress bar of
+    the process, so a job made of many short loops (a stress stage: RA's seeds, QRA, the path) still writes a
+    line every few minutes, from whichever loop is running then; a loop alone would never reach the interval."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+
+_beats = BeatClock()
+
+
 def set_beat_label(label: str | None) -> None:
     """While a grid job runs quiet, keep its loops' heartbeat lines, prefixed by ``label`` (the stage):
-    a stage of an hour otherwise leaves a background grid's log silent for that hour. ``None`` ends it."""
+    a stage of an hour otherwise leaves a background grid's log silent for that hour. ``None`` ends it.
+    The heartbeat clock restarts: a job's first line comes a full interval after its first loop starts."""
     global _beat_label
     _beat_label = label
+    _beats.last = None
 
 
 def set_quiet(quiet: bool) -> None:
@@ -109,19 +123,20 @@ class Pace:
 
     With ``heartbeat`` (seconds; where no progress bar is drawn, e.g. output redirected to a log), a
     line saying how far the loop is and how long it has left is written at most that often, so a
-    background run's log shows it moving.
+    background run's log shows it moving. ``beats`` times that interval: the loop's own by default,
+    one shared with the loops before it (:class:`BeatClock`) from :func:`progress_bar`.
     """
 
     def __init__(self, total: int, description: str, hint: str = "", min_steps: int = 3, min_seconds: float = 2.0,
-                 clock: Any = time.perf_counter, heartbeat: float | None = None) -> None:
+                 clock: Any = time.perf_counter, heartbeat: float | None = None, beats: BeatClock | None = None) -> None:
         self.total, self.description, self.hint = total, description, hint
         self.min_steps, self.min_seconds, self.clock = min_steps, min_seconds, clock
         self.heartbeat = heartbeat
+        self.beats = beats if beats is not None else BeatClock()
         self.done = 0
         self.start: float | None = None  # the clock and the step count at the first step
         self.first = 0
         self.estimate: float | None = None  # seconds for the whole loop, once made
-        self.last_beat = 0.0  # the clock at the last heartbeat line (the first step's until one is written)
 
     def __call__(self, n: int = 1) -> None:
         self.done += n
@@ -131,10 +146,12 @@ class Pace:
             return  # the common case, a terminal: nothing to do after the estimate, not even read the clock
         now = self.clock()
         if self.start is None:
-            self.start, self.first, self.last_beat = now, self.done, now
+            self.start, self.first = now, self.done
+            if self.beats.last is None:
+                self.beats.last = now
             return
-        if self.heartbeat is not None and now - self.last_beat >= self.heartbeat and self.done < self.total:
-            self.last_beat = now
+        if self.heartbeat is not None and now - self.beats.last >= self.heartbeat and self.done < self.total:
+            self.beats.last = now
             left = (now - self.start) / max(self.done - self.first, 1) * (self.total - self.done)
             line = f"{self.description}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), " \
                    f"about {format_duration(left)} left"
@@ -163,8 +180,8 @@ def progress_bar(total: int, description: str, hint: str = "") -> Iterator[Any]:
     (:class:`Pace`) and ``hint`` (how to make it shorter).
     """
     shown = show_progress()
-    beats = not shown and (not _quiet or _beat_label is not None)
-    pace = Pace(total, description, hint, heartbeat=HEARTBEAT_SECONDS if beats else None)
+    beating = not shown and (not _quiet or _beat_label is not None)
+    pace = Pace(total, description, hint, heartbeat=HEARTBEAT_SECONDS if beating else None, beats=_beats)
     if not shown:
         def quiet_advance(n: int = 1, **fields: Any) -> None:
             pace(n)

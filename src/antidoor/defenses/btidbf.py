@@ -349,13 +349,14 @@ def inversion_score(gen: UNetGenerator, model: Classifier, mask: torch.Tensor, d
     study's BadNets model (the study's cut inversion), the two that found the trigger scored highest
     (``benchmarks/regime.md``, "Why the inversion misses")."""
     gen.eval()
+    split = FeatureSplit(model)
     x_all = data.x_val if len(data.x_val) else data.x
     total = 0.0
     with autocast(data.device, p.amp):
         for i in range(0, len(x_all), batch):
             x = x_all[i:i + batch].float().div(255)
-            terms = objective_terms(model, mask, x, gen(x).float())
-            total += (terms["backdoor"] - p.benign_weight * terms["benign"]) * len(x)
+            benign, backdoor = feature_terms(mask, split.features(x).float(), split.features(gen(x).float()).float())
+            total += float(backdoor - p.benign_weight * benign) * len(x)
     return total / len(x_all)
 
 
