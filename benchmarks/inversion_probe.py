@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from antidoor.checkpoint import load_checkpoint
+from antidoor.defenses.base import DefenderData
 from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, input_mse, new_inversion, objective_terms
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
@@ -60,16 +61,23 @@ def generated(gen: UNetGenerator, x: torch.Tensor, batch: int = 500) -> torch.Te
     return torch.cat([gen(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
+def _load(path: Path, clean_path: Path | None) -> tuple[Any, Scenario, DefenderData, Classifier | None, torch.Tensor]:
+    """The checkpoint, its scenario, the defender's data, the clean model (if given) and the defender's validation
+    images outside the target (as asr is measured: images of other classes), in [0, 1]."""
+    ckpt = load_checkpoint(path)
+    sc = Scenario.from_checkpoint(ckpt, device="cpu")
+    data = sc.defender_data()
+    clean = load_checkpoint(clean_path).model.eval() if clean_path is not None else None
+    return ckpt, sc, data, clean, data.x_val[data.y_val != sc.attack.target].float().div(255)
+
+
 @torch.no_grad()
 def trigger_scales(path: Path, clean_path: Path | None, scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> dict[str, Any]:
     """The real trigger's change x' - x scaled by each factor (alpha 0.05-0.2 for a blend at 0.2): its pixel MSE in
     normalised units (what ``norm_bound`` bounds) and the share of the validation images outside the target that the
     backdoored (and clean) model then gives to the target. No inversion runs."""
-    ckpt = load_checkpoint(path)
-    sc = Scenario.from_checkpoint(ckpt, device="cpu")
-    data, model, target = sc.defender_data(), ckpt.model.eval(), sc.attack.target
-    clean = load_checkpoint(clean_path).model.eval() if clean_path is not None else None
-    x = data.x_val[data.y_val != target].float().div(255)
+    ckpt, sc, _, clean, x = _load(path, clean_path)
+    model, target = ckpt.model.eval(), sc.attack.target
     delta = sc.attack.apply(x) - x
     rows = []
     for k in scales:
@@ -84,10 +92,8 @@ def trigger_scales(path: Path, clean_path: Path | None, scales: tuple[float, ...
 
 def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str, Any] | None = None,
           seed: int | None = None) -> dict[str, Any]:
-    ckpt = load_checkpoint(path)
-    sc = Scenario.from_checkpoint(ckpt, device="cpu")
+    ckpt, sc, data, clean, x_val = _load(path, clean_path)
     seed = int(ckpt.meta.get("seed", 0)) if seed is None else seed
-    data = sc.defender_data()
     p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
     model = prepare_model(ckpt.model.eval(), data.device)  # channels_last, as the defense computes with it
     t0 = time.perf_counter()
@@ -98,7 +104,6 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
     seconds = time.perf_counter() - t0
 
     target = sc.attack.target
-    x_val = data.x_val[data.y_val != target].float().div(255)  # as asr is measured: images of other classes
     gx = generated(gen, x_val)
     stamped = sc.attack.apply(x_val)
     out: dict[str, Any] = {
@@ -113,8 +118,7 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
         "objective": {"g_x": objective_terms(model, mask, x_val, gx), "trigger": objective_terms(model, mask, x_val, stamped)},
         "seconds": round(seconds, 1),
     }
-    if clean_path is not None:
-        clean = load_checkpoint(clean_path).model.eval()
+    if clean is not None:
         out["clean"] = {"g_x": class_shares(clean, gx), "trigger": class_shares(clean, stamped)}
     return out
 
