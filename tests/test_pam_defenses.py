@@ -85,12 +85,20 @@ def test_sau_pam_with_rho_zero_matches_sau(badnets_run, defender):
     # equal up to float rounding only: SAU reuses f(x) from before the maximisation, SAU-PAM recomputes
     # it at the (here unmoved) weights in one forward with x + delta. One Adam step (the whole defender
     # set as one batch, float32): after it, rounding-sized weight differences flip signs of near-zero
-    # PGD gradients in the next maximisation and the two runs part by whole Adam steps
+    # PGD gradients in the next maximisation and the two runs part by whole Adam steps. Even the one step
+    # amplifies rounding where a gradient is near Adam's eps (its first update is lr * g / (|g| + eps)):
+    # at 2 threads 1 weight of 36,864 in a layer differed by 3e-5. So all but a handful of weights must
+    # agree closely, and none may differ by more than that one step of lr.
     params = {"rounds": 1, "batch_size": len(defender.x), "lr": 1e-3, "amp": False}
     sau = purify(badnets_run.result.model, defender, "sau", seed=3, **params)
     sau_pam = purify(badnets_run.result.model, defender, "sau-pam", seed=3, rho=0.0, **params)
     for (k, a), b in zip(sau.state_dict().items(), sau_pam.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+        if not a.is_floating_point():
+            assert torch.equal(a, b), k
+            continue
+        diff = (a - b).abs()
+        apart = int((diff > 1e-5 + 1e-4 * b.abs()).sum())
+        assert apart <= max(1, a.numel() // 1000) and diff.max() <= params["lr"], (k, apart, diff.max())
     # rho > 0 moves the loss away from theta_t once theta_t has left theta_0 (from the second step on)
     params["batch_size"] = len(defender.x) // 2
     sau = purify(badnets_run.result.model, defender, "sau", seed=3, **params)
