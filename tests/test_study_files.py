@@ -103,19 +103,19 @@ def test_findings_of_the_committed_regime_study() -> None:
     with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
         rows = {(r["attack"], r["seed"], r["defense"]): r for r in result_rows(store)}
     sau, backdoored = rows[("badnets", 0, "sau")], rows[("badnets", 0, "none")]
-    assert sau["clean_acc_drop"] == backdoored["clean_acc"] - sau["clean_acc"] and 0.029 < sau["clean_acc_drop"] < 0.031
+    assert sau["clean_acc_drop"] == backdoored["clean_acc"] - sau["clean_acc"] and 0.027 < sau["clean_acc_drop"] < 0.029
     assert "clean_acc_drop" not in backdoored and "clean_acc_drop" not in rows[("badnets", 0, "clean")]
     res = subprocess.run([sys.executable, str(BENCHMARKS / "regime_findings.py"), str(BENCHMARKS / "regime")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "## badnets on " in text and "## blended on " in text
-    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.5, cost 3.0 ✓" in text
+    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.2, cost 2.8 ✓" in text
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
-    # seeds 0 and 1 of BadNets still hold BTI-DBF and PAM from before the inversion's fix; the findings say so
-    assert "- bti-dbf: seeds 0, 1: bound_units: (not a parameter then); seed 2: bound_units: normalised" in text
+    # seed 1 of BadNets still holds BTI-DBF and PAM from before the inversion's fix; the findings say so
+    assert "- bti-dbf: seeds 0, 2: bound_units: normalised; seed 1: bound_units: (not a parameter then)" in text
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
 
 
@@ -124,8 +124,8 @@ def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_si
     inversion's pixel bounds in normalised units (``bound_units``, 2026-12-05) changed their keys (and PAM's, its new
     defaults again: one round of 10 epochs, run at them in the study since), so those and their stress are exactly the
     stages ``antidoor grid benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a
-    checkpoint they need is gone, the grid retrains it first; benchmarks/regime.md), but BadNets seed 2's, rerun on
-    2026-12-06."""
+    checkpoint they need is gone, the grid retrains it first; benchmarks/regime.md), but BadNets seeds 0 and 2's, rerun
+    on 2026-12-06."""
     import sqlite3
     from collections import Counter
 
@@ -135,5 +135,5 @@ def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_si
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    blocks = 5  # BadNets seeds 0-1 and Blended-digit seeds 0-2
+    blocks = 4  # BadNets seed 1 and Blended-digit seeds 0-2
     assert left == {(kind, d): blocks for kind in ("purify", "stress") for d in ("bti-dbf", "pam")}
