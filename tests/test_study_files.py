@@ -119,13 +119,13 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
 
 
-def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_since() -> None:
-    """benchmarks/regime/study.sqlite holds every stage of regime_study.yaml but BTI-DBF's and PAM's: reading the
-    inversion's pixel bounds in normalised units (``bound_units``, 2026-12-05) changed their keys (and PAM's, its new
-    defaults again: one round of 10 epochs, run at them in the study since), so those and their stress are exactly the
-    stages ``antidoor grid benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a
-    checkpoint they need is gone, the grid retrains it first; benchmarks/regime.md), but BadNets seeds 0 and 2's, rerun
-    on 2026-12-06."""
+def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() -> None:
+    """benchmarks/regime/study.sqlite holds every stage of regime_study.yaml but those whose settings changed after they
+    ran: BTI-DBF's and PAM's (the inversion's pixel bounds read in normalised units, ``bound_units``, 2026-12-05; PAM's
+    new defaults, one round of 10 epochs) and SAU's (run at its defaults instead of the cut since 2026-12-06). Those and
+    their stress are exactly the stages ``antidoor grid benchmarks/regime_study.yaml --resume`` has left to run on the
+    committed store (where a checkpoint they need is gone, the grid retrains it first; benchmarks/regime.md), but
+    BTI-DBF's and PAM's of BadNets seeds 0 and 2, rerun on 2026-12-06."""
     import sqlite3
     from collections import Counter
 
@@ -135,5 +135,7 @@ def test_the_regime_store_resumes_everything_but_the_inversion_defenses_fixed_si
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    blocks = 4  # BadNets seed 1 and Blended-digit seeds 0-2
-    assert left == {(kind, d): blocks for kind in ("purify", "stress") for d in ("bti-dbf", "pam")}
+    inversion_blocks = 4  # BadNets seed 1 and Blended-digit seeds 0-2
+    sau_blocks = 6  # BadNets and Blended-digit, seeds 0-2
+    assert left == {**{(kind, d): inversion_blocks for kind in ("purify", "stress") for d in ("bti-dbf", "pam")},
+                    **{(kind, "sau"): sau_blocks for kind in ("purify", "stress")}}
