@@ -83,16 +83,19 @@ def test_a_field_added_at_its_default_leaves_stage_keys_alone() -> None:
 
 
 def test_a_defense_parameter_added_at_its_default_leaves_stage_keys_alone() -> None:
-    """BTI-DBF's ``restarts`` (and PAM's, inherited) came after studies were stored: at its default it is not keyed."""
+    """BTI-DBF's ``restarts`` came after studies were stored: at its default (1, the behaviour before it) it is not
+    keyed. PAM's default is 3 starts, a different inversion from the stored single-start ones, so PAM keys it."""
     study = {**TINY, "defenses": [{"name": "bti-dbf", "rounds": 1}, {"name": "pam"}]}
     stages = plan(load_study(base=study))
     defaults = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 1},
-                                                           {"name": "pam", "restarts": 1}]}))
+                                                           {"name": "pam", "restarts": 3}]}))
     assert [s.key for s in stages] == [s.key for s in defaults]
-    purify = [s for s in stages if s.kind == "purify"]
-    assert all("restarts" not in s.config["defense"] and "rounds" in s.config["defense"] for s in purify)
-    changed = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 2}, {"name": "pam"}]}))
-    assert sorted(s.labels["defense"] for s, old in zip(changed, stages, strict=True) if s.key != old.key) == ["bti-dbf"]
+    purify = {s.labels["defense"]: s.config["defense"] for s in stages if s.kind == "purify"}
+    assert "restarts" not in purify["bti-dbf"] and "rounds" in purify["bti-dbf"] and purify["pam"]["restarts"] == 3
+    changed = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 2},
+                                                          {"name": "pam", "restarts": 1}]}))
+    assert sorted(s.labels["defense"] for s, old in zip(changed, stages, strict=True)
+                  if s.key != old.key and s.kind == "purify") == ["bti-dbf", "pam"]
 
 
 def test_plan_shares_stages_and_keys_follow_the_config() -> None:

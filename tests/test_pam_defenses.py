@@ -31,7 +31,7 @@ from antidoor.errors import AntidoorError
 TINY = {"rounds": 1, "batch_size": 40, "generator_width": 4, "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1,
         "epochs": 1}
 # pam's recipe written out for bti-dbf: the same run except for the PAM wrapper
-PAM_AS_BTI = {**TINY, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "feature_weight": 0.0, "schedule": "cosine"}
+PAM_AS_BTI = {**TINY, "restarts": 3, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "feature_weight": 0.0, "schedule": "cosine"}
 NEW = {"bti-dbf": TINY, "pam": TINY, "ft-pam": {"epochs": 1, "batch_size": 40},
        "sau-pam": {"rounds": 1, "batch_size": 40, "lr": 1e-3}}
 
@@ -73,8 +73,8 @@ def test_pam_with_rho_zero_is_bti_dbf_with_the_same_optimiser(badnets_run, defen
     pam_chosen: dict[str, float] = {}
     bti = purify(badnets_run.result.model, defender, "bti-dbf", seed=2, chosen=bti_chosen, **params)
     assert _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.0, chosen=pam_chosen, **params), bti)
-    # the class round 1's inversion detected is recorded, the same for both (the same inversion)
-    assert bti_chosen == pam_chosen and set(bti_chosen) == {"detected_target"}
+    # the class round 1's inversion detected and the start it kept are recorded, the same for both (the same inversion)
+    assert bti_chosen == pam_chosen and set(bti_chosen) == {"detected_target", "inversion_start"}
     assert bti_chosen["detected_target"] in range(10)
     assert not _same(purify(badnets_run.result.model, defender, "pam", seed=2, rho=0.5, **params), bti)
     constant = {**params, "schedule": "constant"}  # the schedule reaches the fine-tuning

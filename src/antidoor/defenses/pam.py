@@ -12,7 +12,7 @@ weights theta_0 (the model given to the defense), and applied at theta_t.
 
 Defaults (the official ``defense.sh``): rho 0.5 (here ``auto``, below), SGD lr 0.01, batch 128, 5% clean data, 30 epochs per
 round, 3 rounds (here 1 round of 10 epochs, below), cross-entropy only (no feature term), no weight decay, constant learning
-rate (here cosine, below). The inversion phases keep BTI-DBF's defaults.
+rate (here cosine, below). The inversion phases keep BTI-DBF's defaults, from 3 starts of G (official: one; below).
 
 Deviations from the official code, and why:
 - SGD momentum is a parameter with default 0.9: the official script's 0.1 is most likely a typo for
@@ -33,6 +33,13 @@ Deviations from the official code, and why:
   model (``benchmarks/regime.md``) PAM at rho 0 reached 95.0% on the defender's validation images with the
   cosine schedule and 89.6% with the constant one; ``schedule: constant`` gives the official behaviour.
 - ``rho_mode: fraction`` reads rho as a share of the way back to theta_0 instead of a step length.
+- Round 1's inversion runs from 3 starts of G (``restarts: 3``; official: one) and keeps the one scoring highest on
+  the generator's own objective over the defender's validation images (BTI-DBF's ``restarts``). PAM unlearns only
+  what the inversion found, and a single start is a draw: on the regime study's BadNets seed-0 model, the inversion
+  at these defaults detected class 1 from start 0 (a universal adversarial perturbation the clean model follows too;
+  objective 0.91, PAM then left 44.8% asr) and the target from start 1 (objective 2.32); on the seed-2 model it found
+  the target from all four starts tried (1.61-2.12; ``benchmarks/regime.md``, "Why the inversion misses"). The
+  inversion is most of PAM's time, so this about triples it.
 - ``rho: auto`` is the default instead of a fixed 0.5: rho trades clean accuracy for robustness, and
   the value that keeps clean accuracy depends on the model and the defender's data (on a 65%-accurate
   small CNN with 200 defender images, rho 0.5 cost 16 to 21 points; ``benchmarks/README.md``). auto
@@ -47,7 +54,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -165,6 +172,12 @@ class PathAware:
 
 
 class PAMParams(BTIDBFParams, PAMSettings):
+    # restarts' default is 3 here, so a stage of PAM at its defaults is a different inversion from the single-start
+    # ones stored before: keyed (BTI-DBF's default of 1 stays out of its keys)
+    KEY_NEUTRAL_DEFAULTS: ClassVar[frozenset[str]] = frozenset()
+    restarts: int = Field(3, ge=1, description="round-1 inversions from different starts of G, the one scoring highest "
+                                               "on the generator objective over the defender's validation images kept "
+                                               "(official: 1)")
     rounds: int = Field(1, ge=1, description="inversion + unlearning rounds (official: 3, the generator trained in round 1 "
                                              "only)")
     epochs: int = Field(10, ge=1, description="PAM fine-tuning epochs per round (official: 30)")
