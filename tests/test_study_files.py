@@ -137,9 +137,6 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    bti_blocks = 4  # BadNets seed 1 and Blended-digit seeds 0-2
-    pam_blocks = 5  # all but BadNets seed 0
-    sau_blocks = 6  # BadNets and Blended-digit, seeds 0-2
-    assert left == {**{(kind, "bti-dbf"): bti_blocks for kind in ("purify", "stress")},
-                    **{(kind, "pam"): pam_blocks for kind in ("purify", "stress")},
-                    **{(kind, "sau"): sau_blocks for kind in ("purify", "stress")}}
+    # blocks left per defense: BTI-DBF BadNets seed 1 and Blended-digit seeds 0-2; PAM all but BadNets seed 0; SAU all 6
+    blocks = {"bti-dbf": 4, "pam": 5, "sau": 6}
+    assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
