@@ -82,9 +82,12 @@ def test_a_field_added_at_its_default_leaves_stage_keys_alone() -> None:
     assert "curves" not in dumped["ra"] and ModelStressConfig(**dumped) == ModelStressConfig()
 
 
-def test_a_defense_parameter_added_at_its_default_leaves_stage_keys_alone() -> None:
-    """BTI-DBF's ``restarts`` came after studies were stored: at its default (1, the behaviour before it) it is not
-    keyed. PAM's default is 3 starts, a different inversion from the stored single-start ones, so PAM keys it."""
+def test_a_defense_parameter_added_later_stays_out_of_keys_at_the_value_that_reproduces_the_old_stages() -> None:
+    """``restarts`` came after studies were stored, which ran one start: at 1 it is not keyed, whatever the default.
+    BTI-DBF's default is 1, so its default stages keep their keys; PAM's is 3, a different inversion, so PAM at its
+    defaults is keyed, and ``{name: pam, restarts: 1}`` gets the stored single-start stages' key and runs 1 start."""
+    from antidoor.experiment.stages import defense_key_spec, defense_run_spec
+
     study = {**TINY, "defenses": [{"name": "bti-dbf", "rounds": 1}, {"name": "pam"}]}
     stages = plan(load_study(base=study))
     defaults = plan(load_study(base={**study, "defenses": [{"name": "bti-dbf", "rounds": 1, "restarts": 1},
@@ -96,6 +99,43 @@ def test_a_defense_parameter_added_at_its_default_leaves_stage_keys_alone() -> N
                                                           {"name": "pam", "restarts": 1}]}))
     assert sorted(s.labels["defense"] for s, old in zip(changed, stages, strict=True)
                   if s.key != old.key and s.kind == "purify") == ["bti-dbf", "pam"]
+    single = next(s.config["defense"] for s in changed if s.kind == "purify" and s.labels["defense"] == "pam")
+    assert "restarts" not in single  # the key the single-start PAM stages were stored under
+    # the job runs what the key stands for: one start, not today's default of 3; other parameters as keyed
+    assert defense_run_spec(single)["restarts"] == 1 and defense_run_spec(purify["pam"])["restarts"] == 3
+    assert defense_run_spec(defense_key_spec({**single, "restarts": 1})) == {**single, "restarts": 1}
+
+
+def test_a_grid_stage_runs_what_its_key_stands_for(tmp_path: Path) -> None:
+    """``{name: pam, restarts: 1}`` is keyed without ``restarts``; the stage must still run one start, not PAM's
+    default of 3: its checkpoint records what ran."""
+    from antidoor.checkpoint import load_checkpoint
+
+    tiny_pam = {"name": "pam", "restarts": 1, "rho": 0.0, "rounds": 1, "batch_size": 40, "generator_width": 4,
+                "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1, "epochs": 1}
+    summary = run_grid(load_study(base={**TINY, "defenses": [tiny_pam]}), tmp_path / "pam")
+    assert (summary.stages, summary.failed) == (3, 0)
+    stage = next(s for s in plan(load_study(base={**TINY, "defenses": [tiny_pam]})) if s.kind == "purify")
+    assert "restarts" not in stage.config["defense"]
+    record = load_checkpoint(tmp_path / "pam" / stage.artifact).meta["defense"]
+    assert record["restarts"] == 1 and record["rho"] == 0.0
+
+
+def test_a_config_field_is_neutral_only_at_its_default() -> None:
+    """A config is rebuilt from its key dump with defaults filled in, so a neutral value away from the default would
+    run something other than what the key says: refused when the study is planned."""
+    from typing import Any, ClassVar
+
+    from pydantic import BaseModel
+
+    from antidoor.experiment.stages import key_dump
+
+    class Knob(BaseModel):
+        KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"steps": 1}
+        steps: int = 3
+
+    with pytest.raises(TypeError, match=r"Knob.KEY_NEUTRAL\['steps'\] must be the field's default \(3\), not 1"):
+        key_dump(Knob())
 
 
 def test_plan_shares_stages_and_keys_follow_the_config() -> None:

@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -106,9 +106,9 @@ from antidoor.utils import generator_for, info, progress_bar
 
 
 class BTIDBFParams(DefenseParams):
-    # added after studies were stored; at its default (one start, the behaviour before it) it leaves stage keys alone.
-    # A subclass whose default reruns anything else must not inherit this.
-    KEY_NEUTRAL_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"restarts"})
+    # added after studies were stored: at one start, the behaviour before it, it stays out of stage keys
+    # (experiment.stages.defense_key_spec), so their stages resume
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"restarts": 1}
     rounds: int = Field(5, ge=1, description="inversion + unlearning rounds (paper 5; the superficial-safety script 3)")
     batch_size: int = Field(128, ge=1)
     generator_width: int = Field(32, ge=1, description="channels of the U-Net's first block (then x2 per block; bottleneck x16)")

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -172,9 +172,6 @@ class PathAware:
 
 
 class PAMParams(BTIDBFParams, PAMSettings):
-    # restarts' default is 3 here, so a stage of PAM at its defaults is a different inversion from the single-start
-    # ones stored before: keyed (BTI-DBF's default of 1 stays out of its keys)
-    KEY_NEUTRAL_DEFAULTS: ClassVar[frozenset[str]] = frozenset()
     restarts: int = Field(3, ge=1, description="round-1 inversions from different starts of G, the one scoring highest "
                                                "on the generator objective over the defender's validation images kept "
                                                "(official: 1)")

@@ -72,17 +72,27 @@ def artifact_path(kind: str, key: str) -> str:
     return f"artifacts/{kind}/{key[:20]}{'.json' if kind == 'stress' else '.safetensors'}"
 
 
+def key_neutral(cls: type) -> dict[str, Any]:
+    """The fields a config or ``Params`` class lists in ``KEY_NEUTRAL``: each was added after studies were stored,
+    mapped to the value that reproduces the behaviour before it (not necessarily today's default). At that value the
+    field stays out of stage keys, so those studies' stages keep their keys and resume."""
+    return dict(getattr(cls, "KEY_NEUTRAL", {}))
+
+
 def key_dump(config: BaseModel) -> dict[str, Any]:
-    """A config as it enters stage keys: ``model_dump()`` without the fields a class lists in
-    ``KEY_NEUTRAL_DEFAULTS`` while they hold their default. Such a field was added after studies were
-    stored and, at its default, changes nothing, so those studies' stages keep their keys and resume."""
+    """A config as it enters stage keys: ``model_dump()`` without the ``KEY_NEUTRAL`` fields that hold their neutral
+    value. A stage rebuilds such a config from the dump, where a left-out field takes its default: so, unlike a
+    defense's parameter (:func:`defense_key_spec`), a config field's neutral value must be its default."""
 
     def neutral(model: BaseModel) -> dict[str, Any]:
-        fields, skip = type(model).model_fields, getattr(type(model), "KEY_NEUTRAL_DEFAULTS", frozenset())
+        fields, skip = type(model).model_fields, key_neutral(type(model))
         out: dict[str, Any] = {}
         for name in fields:
             value = getattr(model, name)
-            if name in skip and value == fields[name].default:
+            if name in skip and skip[name] != fields[name].default:
+                raise TypeError(f"{type(model).__name__}.KEY_NEUTRAL[{name!r}] must be the field's default "
+                                f"({fields[name].default!r}), not {skip[name]!r}")
+            if name in skip and value == skip[name]:
                 out[name] = True
             elif isinstance(value, BaseModel) and (inner := neutral(value)):
                 out[name] = inner
@@ -93,13 +103,19 @@ def key_dump(config: BaseModel) -> dict[str, Any]:
 
 def defense_key_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A defense spec (every parameter filled in) as it enters stage keys: without the parameters its ``Params``
-    lists in ``KEY_NEUTRAL_DEFAULTS`` while they hold their default (:func:`key_dump`'s rule for defenses). The
-    job runs the spec as keyed: a left-out parameter takes the default it had."""
+    lists in ``KEY_NEUTRAL`` while they hold their neutral value. :func:`defense_run_spec` puts them back."""
     from antidoor.defenses.base import DEFENSES
 
-    params = DEFENSES.get(str(spec["name"])).Params
-    skip = getattr(params, "KEY_NEUTRAL_DEFAULTS", frozenset())
-    return {k: v for k, v in spec.items() if not (k in skip and v == params.model_fields[k].default)}
+    skip = key_neutral(DEFENSES.get(str(spec["name"])).Params)
+    return {k: v for k, v in spec.items() if not (k in skip and v == skip[k])}
+
+
+def defense_run_spec(keyed: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a keyed defense spec runs with: a ``KEY_NEUTRAL`` parameter left out of the key takes its
+    neutral value, the behaviour the stored stages under that key had, not today's default (PAM: 1 start, not 3)."""
+    from antidoor.defenses.base import DEFENSES
+
+    return {**key_neutral(DEFENSES.get(str(keyed["name"])).Params), **keyed}
 
 
 def plan(study: StudyConfig) -> list[Stage]:
@@ -244,7 +260,7 @@ def run_purify(stage: Stage, ctx: StageContext) -> StageOutput:
     scenario = scenario_of(ckpt, up["data"], up["seed"], ctx.device)
     backdoored = ckpt.model.to(scenario.device)
     before = scenario.evaluator(backdoored)
-    spec = stage.config["defense"]
+    spec = defense_run_spec(stage.config["defense"])
     name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
     curves: list[Metric] = []
 

@@ -55,8 +55,9 @@ class RAConfig(BaseModel):
     """The retuning attack's set and recipe (methods.md defaults)."""
 
     model_config = ConfigDict(extra="forbid")
-    # added after studies were stored: at its default it leaves their stage keys alone (experiment.stages.key_dump)
-    KEY_NEUTRAL_DEFAULTS: ClassVar[frozenset[str]] = frozenset({"curves"})
+    # added after studies were stored: at its default, the behaviour before it, it stays out of their stage keys
+    # (experiment.stages.key_dump)
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"curves": True}
     n_total: int = Field(1000, ge=1, description="RA set size cap: clean images used = min(n_total - n_poison, defender's)")
     n_poison: int = Field(5, ge=0, description="poisoned training samples in the set, relabelled to the target")
     epochs: int = Field(5, ge=1)
