@@ -103,14 +103,14 @@ def test_findings_of_the_committed_regime_study() -> None:
     with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
         rows = {(r["attack"], r["seed"], r["defense"]): r for r in result_rows(store)}
     sau, backdoored = rows[("badnets", 0, "sau")], rows[("badnets", 0, "none")]
-    assert sau["clean_acc_drop"] == backdoored["clean_acc"] - sau["clean_acc"] and 0.027 < sau["clean_acc_drop"] < 0.029
+    assert sau["clean_acc_drop"] == backdoored["clean_acc"] - sau["clean_acc"] and 0.016 < sau["clean_acc_drop"] < 0.017
     assert "clean_acc_drop" not in backdoored and "clean_acc_drop" not in rows[("badnets", 0, "clean")]
     res = subprocess.run([sys.executable, str(BENCHMARKS / "regime_findings.py"), str(BENCHMARKS / "regime")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "## badnets on " in text and "## blended on " in text
-    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.2, cost 2.8 ✓" in text
+    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.9, cost 1.7 ✓" in text  # SAU at its defaults
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
@@ -126,8 +126,8 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     new defaults, one round of 10 epochs, and since 2026-12-06 three starts of the inversion) and SAU's (run at its
     defaults instead of the cut since 2026-12-06). Those and their stress are exactly the stages ``antidoor grid
     benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a checkpoint they need is
-    gone, the grid retrains it first; benchmarks/regime.md), but BTI-DBF's of BadNets seeds 0 and 2 and PAM's of
-    BadNets seed 0, rerun on 2026-12-06."""
+    gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
+    0 and 2 and Blended-digit seeds 1 and 2, PAM's of BadNets seeds 0 and 2, SAU's of BadNets seed 0."""
     import sqlite3
     from collections import Counter
 
@@ -137,6 +137,7 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # blocks left per defense: BTI-DBF BadNets seed 1 and Blended-digit seeds 0-2; PAM all but BadNets seed 0; SAU all 6
-    blocks = {"bti-dbf": 4, "pam": 5, "sau": 6}
+    # blocks left per defense: BTI-DBF BadNets seed 1 and Blended-digit seed 0; PAM BadNets seed 1 and Blended-digit
+    # seeds 0-2; SAU all but BadNets seed 0
+    blocks = {"bti-dbf": 2, "pam": 4, "sau": 5}
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
