@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from antidoor.experiment.stages import STORE_NAME
+from antidoor.experiment.stages import STORE_NAME, defense_run_spec
 from antidoor.experiment.store import Store
 from antidoor.report.tables import aggregate, curve_rows, label_name, latest_runs, result_rows
 from antidoor.report.verdicts import seed_verdicts
@@ -56,8 +56,9 @@ def findings(folder: Path) -> str:
         rows = result_rows(store)
         verdicts = seed_verdicts(store)
         curves = [c for c in curve_rows(store) if c["family"] == "path" and c["metric"] == "asr"]
-        specs = {(r["dataset"], r["model"], r["attack"], label_name(r["defense"]), r["seed"]): json.loads(r["config"])["defense"]
-                 for r in latest_runs(store, "purify")}
+        # what each stage ran: a parameter its key leaves out at its neutral value (PAM's one start) is put back
+        specs = {(r["dataset"], r["model"], r["attack"], label_name(r["defense"]), r["seed"]):
+                 defense_run_spec(json.loads(r["config"])["defense"]) for r in latest_runs(store, "purify")}
     by_seed: dict[tuple, dict[int, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         by_seed[(r["dataset"], r["model"], r["attack"])][r["seed"]][label_name(r["defense"])] = r
