@@ -429,6 +429,26 @@ def test_a_clean_model_that_changes_on_rerun_spares_the_complete_blocks_built_on
     assert sorted(r["attempts"] for r in runs if r["key"] in badnets) == [2 if badnets_left_open else 1] * 2
 
 
+def test_a_narrowed_resume_marks_the_blocks_unplanned_stages_stale_too(inline_study: Path, tmp_path: Path) -> None:
+    """A resume narrowed to one new defense (``--set defenses=[...]``) retrains the backdoored model, which does not
+    come back the same: the block's FT that this study does not plan was built on the old model. It cannot stand beside
+    the new defense's row, so it is recorded as stale at once, and the next resume that plans it runs it again."""
+    folder = moved_study(inline_study, tmp_path / "narrowed")
+    with Store(folder / STORE_NAME) as store:
+        old_ft = next(r["key"] for r in store.runs("purify") if r["status"] == "done")
+    narrowed = {**TINY, "defenses": [{"name": "ft", "epochs": 1, "batch_size": 16}]}
+    summary = run_grid(load_study(base=narrowed), folder, resume=True)
+    assert (summary.done, summary.failed) == (3, 0)  # clean, attack and the new FT; the old FT is not planned here
+    with Store(folder / STORE_NAME) as store:
+        old = next(r for r in store.runs() if r["key"] == old_ft)
+        assert (old["status"], old["error"].startswith("stale:")) == ("failed", True) and store.metrics(old["id"]) == []
+    summary = run_grid(load_study(base={**TINY, "defenses": [TINY["defenses"][0], *narrowed["defenses"]]}), folder,
+                       resume=True)
+    assert (summary.reused, summary.done) == (3, 1)
+    with Store(folder / STORE_NAME) as store:
+        assert next(r for r in store.runs() if r["key"] == old_ft)["status"] == "done"
+
+
 def test_stale_results_are_recorded_at_once_and_rerun_after_a_stop(inline_study: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The grid stops right after the changed rerun: the stale purification is already recorded as failed

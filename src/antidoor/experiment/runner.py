@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import socket
 import subprocess
@@ -24,13 +25,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 
 from antidoor.errors import AntidoorError
 from antidoor.experiment.backends import Backend, check_backend, make_backend
 from antidoor.experiment.stages import STORE_NAME, Job, Stage, plan
-from antidoor.experiment.store import Store
+from antidoor.experiment.store import Store, config_key
 from antidoor.experiment.study import StudyConfig
 from antidoor.utils import info, warn
 
@@ -207,6 +209,12 @@ def _block(stage: Stage) -> tuple[object, ...]:
     return tuple(stage.labels.get(k) for k in ("dataset", "model", "attack", "seed"))
 
 
+def _nests(config: Any, key: str) -> bool:
+    """Whether a stage config holds, below its top level, the config of the stage ``key`` (its upstream, at any depth)."""
+    children = config.values() if isinstance(config, dict) else config if isinstance(config, list) else []
+    return any((isinstance(c, dict) and config_key(c) == key) or _nests(c, key) for c in children)
+
+
 def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], store: Store) -> Callable[[Stage], list[Stage]]:
     """For a finished stage run again (its checkpoint was gone): when it does not reproduce its recorded
     results (another CPU's kernels, changed code), the finished stages built on the old checkpoint are
@@ -216,6 +224,7 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
     model, retrained for another attack's block, is the case). Same machine and code: same numbers, nothing.
     ``finished`` is the scheduler's own set, read when a rerun finishes."""
     recorded = _recorded(store, reruns)
+    planned = {s.key for s in stages}
     consumers: dict[str, list[Stage]] = {}
     for s in stages:
         for k in s.deps.values():
@@ -237,6 +246,11 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
         built_on = [s for s in stages if s.key in seen and s.key in finished]
         open_blocks = {_block(s) for s in stages if s.key not in finished}
         downstream = [s for s in built_on if _block(s) in open_blocks]
+        # a study narrowed by --set (one defense, one seed) plans only part of a block: the block's other finished
+        # stages in the store were built on the old checkpoint too, and cannot stand beside the new one
+        unplanned = [r for r in store.runs() if r["status"] == "done" and r["key"] not in planned
+                     and (r["dataset"], r["model"], r["attack"], r["seed"]) in open_blocks
+                     and _nests(json.loads(r["config"]), stage.key)]
         changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
         what = (f"{stage.describe()} ran again and did not reproduce its recorded results "
                 f"({'; '.join(changed[:3]) or 'metrics differ'})")
@@ -245,9 +259,14 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
                  "results, their (attack, seed) blocks being complete")
         if downstream:
             warn(f"{what}: {len(downstream)} finished stage(s) built on the old checkpoint run again too")
+        if unplanned:
+            warn(f"{what}: {len(unplanned)} finished stage(s) of its block that this study does not plan (a narrowed "
+                 "--set) were built on the old checkpoint: recorded as stale, they run again on a --resume that plans them")
+        if downstream or unplanned:
             # recorded at once, so a grid stopped before they rerun leaves no stale result standing
-            store.invalidate([s.key for s in downstream], f"stale: built on the checkpoint of {stage.describe()} before "
-                             "it ran again and changed; runs again on --resume")
+            store.invalidate([s.key for s in downstream] + [r["key"] for r in unplanned],
+                             f"stale: built on the checkpoint of {stage.describe()} before it ran again and changed; "
+                             "runs again on --resume")
         elif not built_on:
             info(f"{what}; no finished stage was built on it")
         return downstream
