@@ -113,9 +113,10 @@ def test_a_grid_stage_runs_what_its_key_stands_for(tmp_path: Path) -> None:
 
     tiny_pam = {"name": "pam", "restarts": 1, "rho": 0.0, "rounds": 1, "batch_size": 40, "generator_width": 4,
                 "pretrain_epochs": 1, "mask_epochs": 1, "generator_epochs": 1, "epochs": 1}
-    summary = run_grid(load_study(base={**TINY, "defenses": [tiny_pam]}), tmp_path / "pam")
+    study = load_study(base={**TINY, "defenses": [tiny_pam]})
+    summary = run_grid(study, tmp_path / "pam")
     assert (summary.stages, summary.failed) == (3, 0)
-    stage = next(s for s in plan(load_study(base={**TINY, "defenses": [tiny_pam]})) if s.kind == "purify")
+    stage = next(s for s in plan(study) if s.kind == "purify")
     assert "restarts" not in stage.config["defense"]
     record = load_checkpoint(tmp_path / "pam" / stage.artifact).meta["defense"]
     assert record["restarts"] == 1 and record["rho"] == 0.0
