@@ -402,12 +402,18 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     assert scalars(folder)[key] == scalars(inline_study)[key]  # the rerun's own value replaced the one it did not match
 
 
-@pytest.mark.parametrize("badnets_left_open", [False, True])
-def test_a_clean_model_that_changes_on_rerun_spares_the_complete_blocks_built_on_it(tmp_path: Path,
-                                                                                   badnets_left_open: bool) -> None:
-    """The clean model is shared by every attack of a seed. Retrained on another CPU for a new attack's block, it does
-    not come back the same; BadNets' complete block was measured against the old one throughout and keeps its results,
-    unless a stage of its own is still to run (a new defense), which would mix the two models: then it reruns whole."""
+@pytest.mark.parametrize(("badnets_block", "badnets_attempts"), [
+    ("complete", [1, 1]),  # its attack and FT: not rerun (no stage left needs the attack's checkpoint)
+    ("open, built on another clean model", [2, 2]),  # its attack's reference.* do not come back: the FT reruns
+    ("open, built on the clean model that came back", [2, 1]),  # the attack reruns for the new FT; the old FT stands
+])
+def test_a_clean_model_that_changes_on_rerun_spares_the_blocks_not_built_on_it(tmp_path: Path, badnets_block: str,
+                                                                               badnets_attempts: list[int]) -> None:
+    """The clean model is shared by every attack of a seed, so the store's clean row holds the last one trained (on
+    the CPU that last needed it); it need not be the one a block was built on. Retrained, it does not come back as
+    that row. BadNets' complete block keeps its results. An open block (a new defense to run) reruns its attack stage,
+    which measures the clean model again under its trigger (``reference.*``): the block reruns whole only if that
+    does not come back as recorded, that is, if it was built on another clean model than the one trained now."""
     one_block = {**TINY, "defenses": TINY["defenses"][:1]}
     folder = tmp_path / "study"
     run_grid(load_study(base=one_block), folder)
@@ -415,10 +421,14 @@ def test_a_clean_model_that_changes_on_rerun_spares_the_complete_blocks_built_on
         badnets = {r["key"] for r in store.runs() if r["attack"] == "badnets"}  # its attack, FT and nothing else
     for ckpt in (folder / "artifacts").rglob("*.safetensors"):
         ckpt.unlink()
-    with sqlite3.connect(folder / STORE_NAME) as db:  # a recorded value that retraining cannot reproduce
+    with sqlite3.connect(folder / STORE_NAME) as db:  # recorded values that retraining cannot reproduce
         db.execute("UPDATE metrics SET value = value - 0.01 WHERE stage = 'clean' AND name = 'clean_acc' "
                    "AND step IS NULL AND run_id = (SELECT id FROM runs WHERE stage = 'clean')")
-    defenses = [*one_block["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}] if badnets_left_open else \
+        if badnets_block == "open, built on another clean model":
+            db.execute("UPDATE metrics SET value = value - 0.01 WHERE stage = 'reference' AND name = 'clean_acc' "
+                       "AND step IS NULL AND run_id = (SELECT id FROM runs WHERE stage = 'attack')")
+    left_open = badnets_block != "complete"
+    defenses = [*one_block["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}] if left_open else \
         one_block["defenses"]
     extended = {**one_block, "defenses": defenses,
                 "attacks": [*one_block["attacks"], {"name": "blended", "pratio": 0.1}]}
@@ -427,7 +437,8 @@ def test_a_clean_model_that_changes_on_rerun_spares_the_complete_blocks_built_on
     with Store(folder / STORE_NAME) as store:
         runs = [r for r in store.runs() if r["status"] == "done"]
     assert {r["stage"]: r["attempts"] for r in runs if r["attack"] != "badnets"} == {"clean": 2, "attack": 1, "purify": 1}
-    assert sorted(r["attempts"] for r in runs if r["key"] in badnets) == [2 if badnets_left_open else 1] * 2
+    assert [r["attempts"] for r in sorted((r for r in runs if r["key"] in badnets), key=lambda r: r["id"])] == \
+        badnets_attempts
 
 
 def test_a_narrowed_resume_marks_the_blocks_unplanned_stages_stale_too(inline_study: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from rich.markup import escape
 
 from antidoor.errors import AntidoorError
 from antidoor.experiment.backends import Backend, check_backend, make_backend
-from antidoor.experiment.stages import STORE_NAME, Job, Stage, plan
+from antidoor.experiment.stages import MEASURES_UPSTREAM, STORE_NAME, Job, Stage, plan
 from antidoor.experiment.store import Store, config_key
 from antidoor.experiment.study import StudyConfig
 from antidoor.utils import info, warn
@@ -221,8 +221,10 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
     stale where their (dataset, model, attack, seed) block still has stages to run, which would be built
     on the new one; they are returned, in plan order, to run again. A complete block keeps its results:
     its rows were all measured against the old checkpoint and nothing left to run joins them (the clean
-    model, retrained for another attack's block, is the case). Same machine and code: same numbers, nothing.
-    ``finished`` is the scheduler's own set, read when a rerun finishes."""
+    model, retrained for another attack's block, is the case). Nor is an open block judged on the store's
+    row when its own stage runs again and measures that checkpoint (the attack stage's ``reference.*``): the
+    row may hold another block's model, and that rerun's check decides for the block. Same machine and code:
+    same numbers, nothing. ``finished`` is the scheduler's own set, read when a rerun finishes."""
     recorded = _recorded(store, reruns)
     planned = {s.key for s in stages}
     consumers: dict[str, list[Stage]] = {}
@@ -245,18 +247,27 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
                     todo.append(c.key)
         built_on = [s for s in stages if s.key in seen and s.key in finished]
         open_blocks = {_block(s) for s in stages if s.key not in finished}
-        downstream = [s for s in built_on if _block(s) in open_blocks]
+        # a block whose own stage runs again and measures this checkpoint once more (MEASURES_UPSTREAM) waits on that
+        # rerun: the recorded row may be another block's model (retrained for another attack, on another CPU) while
+        # the one this block was built on comes back the same; if it does not, that rerun's own check finds it
+        waiting = {_block(c) for c in consumers.get(stage.key, []) if recorded.get(c.key)
+                   and c.deps.get(MEASURES_UPSTREAM.get(c.kind, "")) == stage.key} & open_blocks
+        downstream = [s for s in built_on if _block(s) in open_blocks - waiting]
         # a study narrowed by --set (one defense, one seed) plans only part of a block: the block's other finished
         # stages in the store were built on the old checkpoint too, and cannot stand beside the new one
         unplanned = [r for r in store.runs() if r["status"] == "done" and r["key"] not in planned
-                     and (r["dataset"], r["model"], r["attack"], r["seed"]) in open_blocks
+                     and (r["dataset"], r["model"], r["attack"], r["seed"]) in open_blocks - waiting
                      and _nests(json.loads(r["config"]), stage.key)]
         changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
         what = (f"{stage.describe()} ran again and did not reproduce its recorded results "
                 f"({'; '.join(changed[:3]) or 'metrics differ'})")
-        if len(built_on) > len(downstream):
-            info(f"{what}: {len(built_on) - len(downstream)} finished stage(s) built on the old checkpoint keep their "
-                 "results, their (attack, seed) blocks being complete")
+        held = [s for s in built_on if _block(s) in waiting]
+        if held:
+            info(f"{what}: {len(held)} finished stage(s) of {len(waiting)} open block(s) stand if their block's "
+                 "own rerun measures the new checkpoint as it recorded the old one")
+        if len(built_on) > len(downstream) + len(held):
+            info(f"{what}: {len(built_on) - len(downstream) - len(held)} finished stage(s) built on the old checkpoint "
+                 "keep their results, their (attack, seed) blocks being complete")
         if downstream:
             warn(f"{what}: {len(downstream)} finished stage(s) built on the old checkpoint run again too")
         if unplanned:

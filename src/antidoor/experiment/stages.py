@@ -324,6 +324,11 @@ def run_stress(stage: Stage, ctx: StageContext) -> StageOutput:
     return StageOutput(metrics, [path])
 
 
+# A stage kind whose recorded results measure an upstream checkpoint too, by that upstream's kind: the attack stage
+# records the clean model under its trigger (``reference.*``). Its own rerun then tells whether the clean model its
+# block was built on came back, whatever the store's clean row (retrained for another attack's block) now holds.
+MEASURES_UPSTREAM: dict[str, str] = {"attack": "clean"}
+
 RUNNERS: dict[str, Runner] = {"clean": run_clean, "attack": run_attack, "purify": run_purify, "stress": run_stress}
 
 
