@@ -441,6 +441,36 @@ def test_a_clean_model_that_changes_on_rerun_spares_the_blocks_not_built_on_it(t
         badnets_attempts
 
 
+def test_a_resume_says_when_the_stages_to_rerun_were_recorded_on_another_cpu(inline_study: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Every stage records the CPU it ran on. A resume that must retrain a checkpoint recorded on another CPU says so
+    before it starts (the model will likely not come back, and its open block would rerun whole); one on the same CPU
+    says nothing."""
+    from antidoor.checkpoint import cpu_name
+    from antidoor.experiment import backends
+    from antidoor.experiment.runner import STOP_NAME
+
+    folder = moved_study(inline_study, tmp_path / "cpu")
+    with Store(folder / STORE_NAME) as store:
+        assert {json.loads(r["versions"])["cpu"] for r in store.runs()} == {cpu_name()}
+    real = backends.execute
+
+    def stop_after_first(job):
+        (folder / STOP_NAME).touch()
+        return real(job)
+
+    monkeypatch.setattr(backends, "execute", stop_after_first)
+    extended = load_study(base={**TINY, "defenses": [TINY["defenses"][0], {"name": "ft", "epochs": 1, "batch_size": 16}]})
+    run_grid(extended, folder, resume=True)
+    assert "another CPU" not in capsys.readouterr().err
+    with sqlite3.connect(folder / STORE_NAME) as db:
+        db.execute("UPDATE runs SET versions = json_set(versions, '$.cpu', 'Another CPU 9000') WHERE stage = 'attack'")
+    run_grid(extended, folder, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 stage(s) to run again (attack " in err and "(Another CPU 9000; this one: " in err
+
+
 def test_a_narrowed_resume_marks_the_blocks_unplanned_stages_stale_too(inline_study: Path, tmp_path: Path) -> None:
     """A resume narrowed to one new defense (``--set defenses=[...]``) retrains the backdoored model, which does not
     come back the same: the block's FT that this study does not plan was built on the old model. It cannot stand beside

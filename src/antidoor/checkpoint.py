@@ -37,7 +37,19 @@ def versions() -> dict[str, str]:
     from antidoor import __version__
 
     return {"antidoor": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu": cpu_name()}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else the platform's word for it): bf16 kernels differ between CPUs,
+    so a model retrained on another one does not come back bit for bit, and a resumed study says so."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def sidecar_path(path: str | Path) -> Path:

@@ -150,12 +150,14 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
              f"({', '.join(s.describe() for s in bare[:2])}{', ...' if len(bare) > 2 else ''})")
     summary = GridSummary(len(stages), len(finished))
     pending = [s for s in stages if s.key not in finished]
+    here = versions()
+    _warn_other_cpu([s for s in pending if status.get(s.key) in ("done", "running")], store, here.get("cpu"))
     info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
          f"({backend} backend)")
     if not pending:
         return summary
     t0 = time.perf_counter()
-    common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": versions(),
+    common = {"study_dir": str(out), "device": study.device, "threads": study.threads, "versions": here,
               "git_commit": git_commit()}
     _schedule(pending, finished, runner, common, store, summary, stop_file=out / STOP_NAME,
               order={st.key: i for i, st in enumerate(stages)},
@@ -188,6 +190,23 @@ def _check_trigger_files(study: StudyConfig, store: Store) -> dict[str, str]:
                         "Restore the file, or save the new image under another name to study it as a new attack")
                 files[value] = digest
     return files
+
+
+def _warn_other_cpu(reruns: list[Stage], store: Store, cpu: str | None) -> None:
+    """Say before the first stage when a stage to run again was recorded on another CPU: its retrained checkpoint
+    will likely not reproduce (bf16 kernels differ), and its open block would then run again whole."""
+    keys = {s.key for s in reruns}
+    others: dict[str, list[str]] = {}
+    for r in store.runs():
+        if r["key"] in keys:
+            recorded = json.loads(r["versions"] or "{}").get("cpu")
+            if recorded and cpu and recorded != cpu:
+                others.setdefault(recorded, []).append(r["key"])
+    for recorded, ks in others.items():
+        names = ", ".join(s.describe() for s in reruns if s.key in ks)
+        warn(f"{len(ks)} stage(s) to run again ({names}) were recorded on another CPU ({recorded}; this one: {cpu}): "
+             "retrained here they will likely not reproduce their recorded results, and the finished stages of their "
+             "open blocks would then run again too. Resume on that CPU to keep them")
 
 
 RESULT_METRICS = ("clean_acc", "asr", "robust_acc")  # what a stage run again must reproduce for its consumers to stand
