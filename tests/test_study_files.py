@@ -50,13 +50,13 @@ def test_device_slice_runs_the_backdoorbench_study_at_tiny_scale(tmp_path: Path)
 
 
 def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path: Path) -> None:
-    """tools/snapshot_study.py: the store copied whole; stress JSONs of done and superseded stages copied or
-    kept, a stale stage's JSON removed, checkpoints never copied."""
+    """tools/snapshot_study.py: the store copied whole but for a first run in flight; stress JSONs of done and
+    superseded stages copied or kept, a stale stage's JSON removed, checkpoints never copied."""
     import subprocess
     import sys
 
     from antidoor.experiment.stages import artifact_path
-    from antidoor.experiment.store import Store
+    from antidoor.experiment.store import Metric, Store
 
     src, dst = tmp_path / "runs", tmp_path / "committed"
     (src / "artifacts" / "stress").mkdir(parents=True)
@@ -71,6 +71,10 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
         store.invalidate(["super1"], "superseded by a rerun")
         run_id = store.start("attack1", "attack", {}, labels)
         store.finish(run_id, [])
+        store.start("flight1", "purify", {"k": "flight1"}, {**labels, "defense": "sau"})  # the grid's stage in flight
+        run_id = store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})
+        store.finish(run_id, [Metric("purify", "asr", 0.5)])
+        store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})  # a rerun in flight keeps its record
     name = {k: Path(artifact_path("stress", k)).name for k in ("done1", "stale1", "super1", "gone1")}
     for k in ("done1", "stale1", "super1"):
         (src / "artifacts" / "stress" / name[k]).write_text(f'{{"run": "{k}"}}')
@@ -86,7 +90,9 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
     assert not (dst / "artifacts" / "attack").exists()
     with Store(dst / "study.sqlite", readonly=True) as copy:
         assert {r["key"]: r["status"] for r in copy.runs()} == {
-            "done1": "done", "stale1": "failed", "super1": "failed", "gone1": "done", "attack1": "done"}
+            "done1": "done", "stale1": "failed", "super1": "failed", "gone1": "done", "attack1": "done",
+            "again1": "running"}
+    assert "left out (in flight, nothing recorded yet): purify badnets sau 0" in res.stdout
     bad = subprocess.run([sys.executable, "tools/snapshot_study.py", str(tmp_path / "nowhere"), str(dst)],
                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
     assert bad.returncode == 2 and "study.sqlite does not exist" in bad.stderr

@@ -4,7 +4,9 @@ The store is copied with SQLite's backup API, so a grid writing to it at the sam
 torn copy. The stress JSONs copied are those of stress stages recorded as done, plus those of stages
 superseded by a rerun (their error starts with "superseded"; kept for the record, the write-up cites
 them). Any other stress JSON in the destination (of a stage now stale or failed) is removed: the
-committed folder never holds a result its store does not vouch for. Checkpoints are never copied.
+committed folder never holds a result its store does not vouch for. A stage in flight for the first time
+(recorded as running, nothing measured yet) is left out of the copy: it is not a result, and the committed
+store reads as if it had not started. Checkpoints are never copied.
 
     python tools/snapshot_study.py runs/regime benchmarks/regime
     antidoor report runs/regime --out benchmarks/regime     # then the tables and figures
@@ -13,6 +15,7 @@ committed folder never holds a result its store does not vouch for. Checkpoints 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -24,15 +27,22 @@ def snapshot(src: Path, dst: Path) -> dict[str, int]:
     (dst / "artifacts" / "stress").mkdir(parents=True, exist_ok=True)
     tmp = dst / f"{STORE_NAME}.tmp"
     tmp.unlink(missing_ok=True)
-    with sqlite3.connect(src / STORE_NAME) as a, sqlite3.connect(tmp) as b:
+    with contextlib.closing(sqlite3.connect(src / STORE_NAME)) as a, contextlib.closing(sqlite3.connect(tmp)) as b:
         a.backup(b)
+        in_flight = b.execute("SELECT id, stage, attack, defense, seed FROM runs WHERE status = 'running' AND "
+                              "NOT EXISTS (SELECT 1 FROM metrics WHERE metrics.run_id = runs.id)").fetchall()
+        for run_id, *what in in_flight:
+            print(f"left out (in flight, nothing recorded yet): {' '.join(str(w) for w in what if w is not None)}")
+            b.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
+            b.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        b.commit()
     tmp.replace(dst / STORE_NAME)
     with sqlite3.connect(dst / STORE_NAME) as c:
         keys = [k for (k,) in c.execute("SELECT key FROM runs WHERE stage = 'stress' AND "
                                         "(status = 'done' OR (status = 'failed' AND error LIKE 'superseded%'))")]
     want = {Path(artifact_path("stress", k)).name for k in keys}
     out = dst / "artifacts" / "stress"
-    counts = {"copied": 0, "kept": 0, "removed": 0, "missing": 0}
+    counts = {"copied": 0, "kept": 0, "removed": 0, "missing": 0, "in_flight": len(in_flight)}
     for f in out.glob("*.json"):
         if f.name not in want:
             print(f"removed (no done or superseded stress stage): {f.name}")
