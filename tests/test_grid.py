@@ -406,9 +406,11 @@ def test_resume_reruns_what_was_built_on_a_checkpoint_that_did_not_come_back_the
     ("complete", [1, 1]),  # its attack and FT: not rerun (no stage left needs the attack's checkpoint)
     ("open, built on another clean model", [2, 2]),  # its attack's reference.* do not come back: the FT reruns
     ("open, built on the clean model that came back", [2, 1]),  # the attack reruns for the new FT; the old FT stands
+    ("open, and its attack's rerun fails", None),  # nothing can tell whether the old FT stands: recorded as stale
 ])
 def test_a_clean_model_that_changes_on_rerun_spares_the_blocks_not_built_on_it(tmp_path: Path, badnets_block: str,
-                                                                               badnets_attempts: list[int]) -> None:
+                                                                               badnets_attempts: list[int] | None,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The clean model is shared by every attack of a seed, so the store's clean row holds the last one trained (on
     the CPU that last needed it); it need not be the one a block was built on. Retrained, it does not come back as
     that row. BadNets' complete block keeps its results. An open block (a new defense to run) reruns its attack stage,
@@ -432,6 +434,22 @@ def test_a_clean_model_that_changes_on_rerun_spares_the_blocks_not_built_on_it(t
         one_block["defenses"]
     extended = {**one_block, "defenses": defenses,
                 "attacks": [*one_block["attacks"], {"name": "blended", "pratio": 0.1}]}
+    if badnets_attempts is None:
+        from antidoor.experiment import stages
+
+        def fail_badnets(stage, ctx):
+            if stage.labels["attack"] == "badnets":
+                raise RuntimeError("the machine ran out of memory")
+            return real_attack(stage, ctx)
+
+        real_attack = stages.RUNNERS["attack"]
+        monkeypatch.setitem(stages.RUNNERS, "attack", fail_badnets)
+        summary = run_grid(load_study(base=extended), folder, resume=True)
+        assert summary.failed == 2  # the attack, and the new FT built on it
+        with Store(folder / STORE_NAME) as store:
+            old_ft = next(r for r in store.runs() if r["key"] in badnets and r["stage"] == "purify")
+        assert old_ft["status"] == "failed" and old_ft["error"].startswith("stale: attack ")
+        return
     summary = run_grid(load_study(base=extended), folder, resume=True)
     assert summary.failed == 0
     with Store(folder / STORE_NAME) as store:

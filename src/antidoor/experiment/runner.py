@@ -234,7 +234,8 @@ def _nests(config: Any, key: str) -> bool:
     return any((isinstance(c, dict) and config_key(c) == key) or _nests(c, key) for c in children)
 
 
-def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], store: Store) -> Callable[[Stage], list[Stage]]:
+def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str],
+                   store: Store) -> Callable[[Stage, bool], list[Stage]]:
     """For a finished stage run again (its checkpoint was gone): when it does not reproduce its recorded
     results (another CPU's kernels, changed code), the finished stages built on the old checkpoint are
     stale where their (dataset, model, attack, seed) block still has stages to run, which would be built
@@ -243,15 +244,26 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
     model, retrained for another attack's block, is the case). Nor is an open block judged on the store's
     row when its own stage runs again and measures that checkpoint (the attack stage's ``reference.*``): the
     row may hold another block's model, and that rerun's check decides for the block. Same machine and code:
-    same numbers, nothing. ``finished`` is the scheduler's own set, read when a rerun finishes."""
+    same numbers, nothing. ``finished`` is the scheduler's own set, read when a rerun finishes. Called with
+    ``failed=True`` for a rerun that failed: the stages that waited on it are recorded as stale then, as its
+    failure removed the results they would have been judged by."""
     recorded = _recorded(store, reruns)
+    held_by: dict[str, list[str]] = {}  # a rerun's key -> the finished stages (store keys) that wait on its check
     planned = {s.key for s in stages}
     consumers: dict[str, list[Stage]] = {}
     for s in stages:
         for k in s.deps.values():
             consumers.setdefault(k, []).append(s)
 
-    def stale(stage: Stage) -> list[Stage]:
+    def stale(stage: Stage, failed: bool = False) -> list[Stage]:
+        if failed:
+            if held_by.get(stage.key):
+                warn(f"{stage.describe()} failed: the {len(held_by[stage.key])} finished stage(s) of its block that "
+                     "waited on its check are recorded as stale")
+                store.invalidate(held_by.pop(stage.key), f"stale: {stage.describe()} failed before it could tell whether "
+                                 "the checkpoint they were built on came back; runs again on --resume")
+            return []
+        held_by.pop(stage.key, None)  # it ran: its own check below judges what waited on it
         if stage.key not in recorded:
             return []
         old, now = recorded.pop(stage.key), _recorded(store, {stage.key})[stage.key]
@@ -269,18 +281,27 @@ def _stale_checker(stages: list[Stage], reruns: set[str], finished: set[str], st
         # a block whose own stage runs again and measures this checkpoint once more (MEASURES_UPSTREAM) waits on that
         # rerun: the recorded row may be another block's model (retrained for another attack, on another CPU) while
         # the one this block was built on comes back the same; if it does not, that rerun's own check finds it
-        waiting = {_block(c) for c in consumers.get(stage.key, []) if recorded.get(c.key)
-                   and c.deps.get(MEASURES_UPSTREAM.get(c.kind, "")) == stage.key} & open_blocks
+        checks = {_block(c): c.key for c in consumers.get(stage.key, []) if recorded.get(c.key)
+                  and c.deps.get(MEASURES_UPSTREAM.get(c.kind, "")) == stage.key and _block(c) in open_blocks}
+        waiting = set(checks)
         downstream = [s for s in built_on if _block(s) in open_blocks - waiting]
+        held = [s for s in built_on if _block(s) in waiting]
         # a study narrowed by --set (one defense, one seed) plans only part of a block: the block's other finished
         # stages in the store were built on the old checkpoint too, and cannot stand beside the new one
-        unplanned = [r for r in store.runs() if r["status"] == "done" and r["key"] not in planned
-                     and (r["dataset"], r["model"], r["attack"], r["seed"]) in open_blocks - waiting
-                     and _nests(json.loads(r["config"]), stage.key)]
+        unplanned: list[dict[str, Any]] = []
+        for r in store.runs():
+            block = (r["dataset"], r["model"], r["attack"], r["seed"])
+            if r["status"] == "done" and r["key"] not in planned and block in open_blocks \
+                    and _nests(json.loads(r["config"]), stage.key):
+                if block in waiting:
+                    held_by.setdefault(checks[block], []).append(r["key"])
+                else:
+                    unplanned.append(r)
+        for s in held:
+            held_by.setdefault(checks[_block(s)], []).append(s.key)
         changed = [f"{n} {100 * old[n]:.2f}% -> {100 * now[n]:.2f}%" for n in sorted(old) if n in now and now[n] != old[n]]
         what = (f"{stage.describe()} ran again and did not reproduce its recorded results "
                 f"({'; '.join(changed[:3]) or 'metrics differ'})")
-        held = [s for s in built_on if _block(s) in waiting]
         if held:
             info(f"{what}: {len(held)} finished stage(s) of {len(waiting)} open block(s) stand if their block's "
                  "own rerun measures the new checkpoint as it recorded the old one")
@@ -317,7 +338,8 @@ def check_job_device(device: str, local: bool) -> None:
 
 
 def _schedule(pending: list[Stage], finished: set[str], runner: object, common: dict, store: Store,
-              summary: GridSummary, stale: Callable[[Stage], list[Stage]], stop_file: Path, order: dict[str, int]) -> None:
+              summary: GridSummary, stale: Callable[[Stage, bool], list[Stage]], stop_file: Path,
+              order: dict[str, int]) -> None:
     failed: set[str] = set()
     in_flight: dict[object, Stage] = {}
     total = len(pending)
@@ -365,6 +387,7 @@ def _schedule(pending: list[Stage], finished: set[str], runner: object, common: 
                 failed.add(s.key)
                 summary.failed += 1
                 summary.failures.append(f"{s.describe()}: {result['error']}")
+                stale(s, True)
             n = summary.done + summary.failed
             secs = f"{result['seconds']:.1f} s" if result["seconds"] is not None else "-"
             info(escape(f"[{n}/{total}] {result['status']}: {s.describe()} ({secs})"))
