@@ -10,6 +10,7 @@ attack spec, dataset, seed, library versions). A ``.pt``/``.pth`` state dict is 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 import platform
@@ -40,6 +41,7 @@ def versions() -> dict[str, str]:
             "python": platform.python_version(), "cpu": cpu_name()}
 
 
+@functools.cache  # read once: every checkpoint saved records it
 def cpu_name() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo, else the platform's word for it): bf16 kernels differ between CPUs,
     so a model retrained on another one does not come back bit for bit, and a resumed study says so."""
