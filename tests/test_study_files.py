@@ -50,13 +50,15 @@ def test_device_slice_runs_the_backdoorbench_study_at_tiny_scale(tmp_path: Path)
 
 
 def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path: Path) -> None:
-    """tools/snapshot_study.py: the store copied whole but for a first run in flight; stress JSONs of done and
-    superseded stages copied or kept, a stale stage's JSON removed, checkpoints never copied."""
+    """tools/snapshot_study.py: the store copied whole but for a first run in flight, a rerun in flight read as its
+    earlier record; stress JSONs of done and superseded stages copied or kept, a stale stage's JSON removed,
+    checkpoints never copied."""
     import subprocess
     import sys
 
     from antidoor.experiment.stages import artifact_path
     from antidoor.experiment.store import Metric, Store
+    from antidoor.report.tables import result_rows
 
     src, dst = tmp_path / "runs", tmp_path / "committed"
     (src / "artifacts" / "stress").mkdir(parents=True)
@@ -72,9 +74,17 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
         run_id = store.start("attack1", "attack", {}, labels)
         store.finish(run_id, [])
         store.start("flight1", "purify", {"k": "flight1"}, {**labels, "defense": "sau"})  # the grid's stage in flight
-        run_id = store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})
-        store.finish(run_id, [Metric("purify", "asr", 0.5)])
-        store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})  # a rerun in flight keeps its record
+        for key, defense in [("again1", "fst"), ("again2", "bti-dbf")]:
+            run_id = store.start(key, "purify", {"k": key}, {**labels, "defense": defense})
+            store.finish(run_id, [Metric("purify", "asr", 0.5)], seconds=12.5)
+    first = subprocess.run([sys.executable, "tools/snapshot_study.py", str(src), str(dst)], capture_output=True,
+                           text=True, cwd=BENCHMARKS.parent)
+    assert first.returncode == 0, first.stderr
+    with Store(dst / "study.sqlite") as copy:  # again2 committed in flight (as the tool did before), so no earlier record
+        copy.start("again2", "purify", {"k": "again2"}, {**labels, "defense": "bti-dbf"})
+    with Store(src / "study.sqlite") as store:  # reruns in flight: one committed before, one not
+        store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})
+        store.start("again2", "purify", {"k": "again2"}, {**labels, "defense": "bti-dbf"})
     name = {k: Path(artifact_path("stress", k)).name for k in ("done1", "stale1", "super1", "gone1")}
     for k in ("done1", "stale1", "super1"):
         (src / "artifacts" / "stress" / name[k]).write_text(f'{{"run": "{k}"}}')
@@ -91,8 +101,14 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
     with Store(dst / "study.sqlite", readonly=True) as copy:
         assert {r["key"]: r["status"] for r in copy.runs()} == {
             "done1": "done", "stale1": "failed", "super1": "failed", "gone1": "done", "attack1": "done",
-            "again1": "running"}
+            "again1": "done", "again2": "done"}
+        # a rerun in flight reads as its earlier record: the committed row's time, else done with no time
+        assert {r["key"]: r["seconds"] for r in copy.runs() if r["key"].startswith("again")} == {
+            "again1": 12.5, "again2": None}
+        assert {r["defense"]: (r["status"], r["asr"]) for r in result_rows(copy) if r["defense"] in ("fst", "bti-dbf")} == {
+            "fst": ("done", 0.5), "bti-dbf": ("done", 0.5)}
     assert "left out (in flight, nothing recorded yet): purify badnets sau 0" in res.stdout
+    assert "rerun in flight, its earlier record kept: purify badnets fst 0" in res.stdout
     bad = subprocess.run([sys.executable, "tools/snapshot_study.py", str(tmp_path / "nowhere"), str(dst)],
                          capture_output=True, text=True, cwd=BENCHMARKS.parent)
     assert bad.returncode == 2 and "study.sqlite does not exist" in bad.stderr

@@ -6,7 +6,9 @@ superseded by a rerun (their error starts with "superseded"; kept for the record
 them). Any other stress JSON in the destination (of a stage now stale or failed) is removed: the
 committed folder never holds a result its store does not vouch for. A stage in flight for the first time
 (recorded as running, nothing measured yet) is left out of the copy: it is not a result, and the committed
-store reads as if it had not started. Checkpoints are never copied.
+store reads as if it had not started. A stage rerunning (recorded as running, its earlier results still
+there: the store replaces them only when the rerun ends) reads as its earlier record: the committed store's
+row for it where there is one, else done with its time unknown. Checkpoints are never copied.
 
     python tools/snapshot_study.py runs/regime benchmarks/regime
     antidoor report runs/regime --out benchmarks/regime     # then the tables and figures
@@ -22,6 +24,16 @@ from pathlib import Path
 
 from antidoor.experiment.stages import STORE_NAME, artifact_path
 
+# what a rerun's start overwrites in its row (Store.start); its metrics and artifacts stay until it ends
+RECORD = ("status", "attempts", "started", "finished", "seconds", "error", "worker", "versions", "git_commit")
+
+
+def _committed_row(store: Path, key: str) -> tuple | None:
+    if not store.is_file():
+        return None
+    with contextlib.closing(sqlite3.connect(store)) as c:
+        return c.execute(f"SELECT {', '.join(RECORD)} FROM runs WHERE key = ? AND status != 'running'", (key,)).fetchone()
+
 
 def snapshot(src: Path, dst: Path) -> dict[str, int]:
     (dst / "artifacts" / "stress").mkdir(parents=True, exist_ok=True)
@@ -35,6 +47,16 @@ def snapshot(src: Path, dst: Path) -> dict[str, int]:
             print(f"left out (in flight, nothing recorded yet): {' '.join(str(w) for w in what if w is not None)}")
             b.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
             b.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+        # a rerun in flight: the store keeps the earlier results until the rerun ends, but has already written
+        # 'running' over the earlier record's status and times, so they come back from the committed copy
+        rerunning = b.execute("SELECT id, key, stage, attack, defense, seed FROM runs WHERE status = 'running'").fetchall()
+        for run_id, key, *what in rerunning:
+            print(f"rerun in flight, its earlier record kept: {' '.join(str(w) for w in what if w is not None)}")
+            earlier = _committed_row(dst / STORE_NAME, key)
+            if earlier is None:
+                b.execute("UPDATE runs SET status = 'done' WHERE id = ?", (run_id,))
+            else:
+                b.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in RECORD)} WHERE id = ?", (*earlier, run_id))
         b.commit()
     tmp.replace(dst / STORE_NAME)
     with sqlite3.connect(dst / STORE_NAME) as c:
@@ -42,7 +64,8 @@ def snapshot(src: Path, dst: Path) -> dict[str, int]:
                                         "(status = 'done' OR (status = 'failed' AND error LIKE 'superseded%'))")]
     want = {Path(artifact_path("stress", k)).name for k in keys}
     out = dst / "artifacts" / "stress"
-    counts = {"copied": 0, "kept": 0, "removed": 0, "missing": 0, "in_flight": len(in_flight)}
+    counts = {"copied": 0, "kept": 0, "removed": 0, "missing": 0, "in_flight": len(in_flight),
+              "rerunning": len(rerunning)}
     for f in out.glob("*.json"):
         if f.name not in want:
             print(f"removed (no done or superseded stress stage): {f.name}")
