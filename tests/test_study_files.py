@@ -80,8 +80,8 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
     first = subprocess.run([sys.executable, "tools/snapshot_study.py", str(src), str(dst)], capture_output=True,
                            text=True, cwd=BENCHMARKS.parent)
     assert first.returncode == 0, first.stderr
-    with Store(dst / "study.sqlite") as copy:  # again2 committed in flight (as the tool did before), so no earlier record
-        copy.start("again2", "purify", {"k": "again2"}, {**labels, "defense": "bti-dbf"})
+    with Store(dst / "study.sqlite") as copy:  # again2 committed stale: no earlier done record to take its time from
+        copy.invalidate(["again2"], "stale: built on an older checkpoint")
     with Store(src / "study.sqlite") as store:  # reruns in flight: one committed before, one not
         store.start("again1", "purify", {"k": "again1"}, {**labels, "defense": "fst"})
         store.start("again2", "purify", {"k": "again2"}, {**labels, "defense": "bti-dbf"})

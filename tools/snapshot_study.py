@@ -7,8 +7,8 @@ them). Any other stress JSON in the destination (of a stage now stale or failed)
 committed folder never holds a result its store does not vouch for. A stage in flight for the first time
 (recorded as running, nothing measured yet) is left out of the copy: it is not a result, and the committed
 store reads as if it had not started. A stage rerunning (recorded as running, its earlier results still
-there: the store replaces them only when the rerun ends) reads as its earlier record: the committed store's
-row for it where there is one, else done with its time unknown. Checkpoints are never copied.
+there: the store replaces them only when the rerun ends) reads as its earlier record: done, with the committed
+store's time and versions for it where that store records it done, else with its time unknown. Checkpoints are never copied.
 
     python tools/snapshot_study.py runs/regime benchmarks/regime
     antidoor report runs/regime --out benchmarks/regime     # then the tables and figures
@@ -32,7 +32,7 @@ def _committed_row(store: Path, key: str) -> tuple | None:
     if not store.is_file():
         return None
     with contextlib.closing(sqlite3.connect(store)) as c:
-        return c.execute(f"SELECT {', '.join(RECORD)} FROM runs WHERE key = ? AND status != 'running'", (key,)).fetchone()
+        return c.execute(f"SELECT {', '.join(RECORD)} FROM runs WHERE key = ? AND status = 'done'", (key,)).fetchone()
 
 
 def snapshot(src: Path, dst: Path) -> dict[str, int]:
@@ -59,7 +59,7 @@ def snapshot(src: Path, dst: Path) -> dict[str, int]:
                 b.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in RECORD)} WHERE id = ?", (*earlier, run_id))
         b.commit()
     tmp.replace(dst / STORE_NAME)
-    with sqlite3.connect(dst / STORE_NAME) as c:
+    with contextlib.closing(sqlite3.connect(dst / STORE_NAME)) as c:
         keys = [k for (k,) in c.execute("SELECT key FROM runs WHERE stage = 'stress' AND "
                                         "(status = 'done' OR (status = 'failed' AND error LIKE 'superseded%'))")]
     want = {Path(artifact_path("stress", k)).name for k in keys}
