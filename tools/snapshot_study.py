@@ -28,11 +28,18 @@ from antidoor.experiment.stages import STORE_NAME, artifact_path
 RECORD = ("status", "attempts", "started", "finished", "seconds", "error", "worker", "versions", "git_commit")
 
 
-def _committed_row(store: Path, key: str) -> tuple | None:
-    if not store.is_file():
-        return None
+def _committed_done(store: Path, keys: list[str]) -> dict[str, tuple]:
+    """The committed store's done record (``RECORD``) of each of ``keys`` it has, read in one connection."""
+    if not keys or not store.is_file():
+        return {}
     with contextlib.closing(sqlite3.connect(store)) as c:
-        return c.execute(f"SELECT {', '.join(RECORD)} FROM runs WHERE key = ? AND status = 'done'", (key,)).fetchone()
+        rows = c.execute(f"SELECT key, {', '.join(RECORD)} FROM runs WHERE status = 'done' AND key IN "
+                         f"({', '.join('?' * len(keys))})", keys).fetchall()
+    return {key: tuple(record) for key, *record in rows}
+
+
+def _labels(what: list) -> str:
+    return " ".join(str(w) for w in what if w is not None)
 
 
 def snapshot(src: Path, dst: Path) -> dict[str, int]:
@@ -44,15 +51,16 @@ def snapshot(src: Path, dst: Path) -> dict[str, int]:
         in_flight = b.execute("SELECT id, stage, attack, defense, seed FROM runs WHERE status = 'running' AND "
                               "NOT EXISTS (SELECT 1 FROM metrics WHERE metrics.run_id = runs.id)").fetchall()
         for run_id, *what in in_flight:
-            print(f"left out (in flight, nothing recorded yet): {' '.join(str(w) for w in what if w is not None)}")
+            print(f"left out (in flight, nothing recorded yet): {_labels(what)}")
             b.execute("DELETE FROM artifacts WHERE run_id = ?", (run_id,))
             b.execute("DELETE FROM runs WHERE id = ?", (run_id,))
         # a rerun in flight: the store keeps the earlier results until the rerun ends, but has already written
         # 'running' over the earlier record's status and times, so they come back from the committed copy
         rerunning = b.execute("SELECT id, key, stage, attack, defense, seed FROM runs WHERE status = 'running'").fetchall()
+        committed = _committed_done(dst / STORE_NAME, [key for _, key, *_ in rerunning])
         for run_id, key, *what in rerunning:
-            print(f"rerun in flight, its earlier record kept: {' '.join(str(w) for w in what if w is not None)}")
-            earlier = _committed_row(dst / STORE_NAME, key)
+            print(f"rerun in flight, its earlier record kept: {_labels(what)}")
+            earlier = committed.get(key)
             if earlier is None:
                 b.execute("UPDATE runs SET status = 'done' WHERE id = ?", (run_id,))
             else:
