@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +18,9 @@ from antidoor.models import build_model
 from antidoor.precision import autocast
 from antidoor.train import (
     TrainConfig,
+    _SubsampledPointwiseConv2d,
     batches,
+    guard_onednn,
     make_optimizer,
     make_scheduler,
     prepare_model,
@@ -187,6 +193,54 @@ def test_prepare_model_channels_last() -> None:
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     plain = prepare_model(tiny_model(), torch.device("cpu"), channels_last=False)
     assert plain.backbone.features[0].weight.is_contiguous()
+
+
+def test_guard_routes_narrow_strided_pointwise_convs_around_onednn(bundled: ImageData) -> None:
+    """PreAct-ResNet18 at width 4: its two narrow shortcuts (4 and 8 input channels) are rerouted, the same numbers."""
+    torch.manual_seed(0)
+    model = build_model("preact_resnet18", num_classes=10, width=4).eval()
+    reference = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_model(prepare_model(model, torch.device("cpu")), torch.device("cpu"))  # idempotent
+    guarded = [name for name, m in model.named_modules() if isinstance(m, _SubsampledPointwiseConv2d)]
+    assert guarded == ["backbone.layer2.0.shortcut", "backbone.layer3.0.shortcut"]  # layer4's has 16: left alone
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    x = bundled.x_test[:64].float().div(255)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+        assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), reference(x), atol=1e-5)
+    padded = nn.Conv2d(4, 8, 1, stride=2, padding=1)
+    assert type(guard_onednn(nn.Sequential(padded))[0]) is nn.Conv2d  # with padding: not the faulty pattern
+
+
+_NARROW_PREACT_ON_TWO_THREADS = """
+import torch
+from antidoor.data import load_dataset
+from antidoor.models import build_model
+from antidoor.train import TrainConfig, train
+data = load_dataset("cifar10-mini")
+torch.manual_seed(0)
+model = build_model("preact_resnet18", num_classes=10, width=4)
+train(model, data.x_train[:381], data.y_train[:381], TrainConfig(epochs=1, batch_size=127, lr=0.01), seed=0)
+print("trained")
+"""
+
+
+def test_narrow_preact_resnet_trains_in_channels_last_on_two_threads() -> None:
+    """Without the guard this run dies in oneDNN's 1x1 weight-gradient kernel (heap corruption: rc -11 or -6).
+
+    In a subprocess, so that a crash fails this test instead of killing the suite; glibc's checking
+    allocator (where the system has it) turns a silent overrun into an abort.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_CHECK_": "3"}
+    debug_malloc = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
+    if os.path.exists(debug_malloc):
+        env["LD_PRELOAD"] = debug_malloc
+    done = subprocess.run([sys.executable, "-c", _NARROW_PREACT_ON_TWO_THREADS], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "trained"
 
 
 # --- the training loop ------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 Everything that fits a classifier (attacks, fine-tuning defenses, the retuning attack) goes
 through :func:`batches` for its data and, for plain supervised training, :func:`train`.
+:func:`prepare_model` also routes narrow strided 1x1 convolutions around a oneDNN kernel that
+corrupts the heap on 2+ CPU threads (:func:`guard_onednn`).
 """
 
 from __future__ import annotations
@@ -79,11 +81,48 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+# oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution writes past its workspace when the
+# convolution has fewer input channels than the kernel's channel block (16 with AVX-512): heap corruption, then a
+# segfault or abort, on 2+ threads (uxlfoundation/oneDNN#6035; torch 2.14.1). It is PreAct-ResNet18's downsampling
+# shortcut at width <= 8. The workspace serves the stride alone, so such a convolution runs as what it computes:
+# the input subsampled by the stride, then a unit-stride 1x1 convolution (the same numbers, another kernel).
+_ONEDNN_CHANNEL_BLOCK = 16
+
+
+class _SubsampledPointwiseConv2d(nn.Conv2d):
+    """A strided 1x1 ``nn.Conv2d`` (no padding) computed on the CPU as subsampling + a unit-stride 1x1 convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        sh, sw = self.stride
+        return F.conv2d(x[:, :, ::sh, ::sw], self.weight, self.bias, 1, 0, 1, self.groups)
+
+
+def _onednn_unsafe(module: nn.Module) -> bool:
+    """A plain strided 1x1 convolution without padding, narrower than oneDNN's channel block (see above)."""
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride != (1, 1)
+            and module.padding == (0, 0) and module.in_channels < _ONEDNN_CHANNEL_BLOCK)
+
+
+def guard_onednn(model: nn.Module) -> nn.Module:
+    """Route the strided 1x1 convolutions that crash oneDNN (see above) around its faulty kernel, in place.
+
+    Same parameters, state dict and outputs (up to float rounding); only the module's class changes. Called
+    by :func:`prepare_model`; call it yourself for a model you train on the CPU outside antidoor.
+    """
+    for module in model.modules():
+        if _onednn_unsafe(module):
+            module.__class__ = _SubsampledPointwiseConv2d
+    return model
+
+
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
+    """Move ``model`` to ``device``, in channels_last if asked, around oneDNN's faulty kernel (:func:`guard_onednn`)."""
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return model
+    return guard_onednn(model)
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator, *,
