@@ -3,7 +3,7 @@
 Everything that fits a classifier (attacks, fine-tuning defenses, the retuning attack) goes
 through :func:`batches` for its data and, for plain supervised training, :func:`train`.
 :func:`prepare_model` also routes narrow strided 1x1 convolutions around a oneDNN kernel that
-corrupts the heap on 2+ CPU threads (:func:`guard_onednn`).
+corrupts the heap (:func:`guard_onednn`).
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
 
 # oneDNN's CPU kernel for the weight gradient of a strided 1x1 convolution writes past its workspace when the
-# convolution has fewer input channels than the kernel's channel block (16 with AVX-512): heap corruption, then a
-# segfault or abort, on 2+ threads (uxlfoundation/oneDNN#6035; torch 2.14.1). It is PreAct-ResNet18's downsampling
+# convolution has fewer input channels than the kernel's channel block (16 with AVX-512, 8 with AVX2): heap
+# corruption, then a segfault or abort (here on 2 threads; the report, uxlfoundation/oneDNN#6035, has 1-thread
+# crashes and silently wrong gradients too; torch 2.14.1). It is PreAct-ResNet18's downsampling
 # shortcut at width <= 8. The workspace serves the stride alone, so such a convolution runs as what it computes:
 # the input subsampled by the stride, then a unit-stride 1x1 convolution (the same numbers, another kernel).
 _ONEDNN_CHANNEL_BLOCK = 16
