@@ -136,9 +136,13 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
-    assert "| (3) | pam | p_asr ≤ EP's + 5.0 and cost ≤ 3.0 | s0: p_asr 1.2 vs EP 2.8, cost 2.2 ✓" in text  # 3 starts
-    # seed 1 of BadNets still holds PAM from before the inversion's fix, and the findings say so; its BTI-DBF ran after
-    assert "seeds 0, 2: bound_units: normalised, generator_epochs: 30" in text and "- bti-dbf: seeds" not in text
+    assert ("| (3) | pam | p_asr ≤ EP's + 5.0 and cost ≤ 3.0 | s0: p_asr 1.2 vs EP 2.8, cost 2.2 ✓; "
+            "s1: p_asr 1.5 vs EP 2.9, cost 2.8 ✓") in text  # 3 starts
+    # BadNets's PAM rows all at today's defaults (no "made under different settings" line); Blended-digit's seeds 1, 2
+    # still hold PAM from before the inversion's fix, and the findings say so; every BTI-DBF row ran after it
+    badnets = text.split("## blended on ")[0]
+    assert "- pam: " not in badnets and "- pam `chosen.rho`: seed 0: 0.3; seed 1: 0.5; seed 2: 0.7" in badnets
+    assert "- pam: seed 0: bound_units: normalised, generator_epochs: 30" in text and "- bti-dbf: seeds" not in text
     assert "- bti-dbf `chosen.detected_target`: seed 0: 5; seed 1: 0; seed 2: 0" in text
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
 
@@ -150,7 +154,7 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     defaults instead of the cut since 2026-12-06). Those and their stress are exactly the stages ``antidoor grid
     benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a checkpoint they need is
     gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
-    0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0 and 2 and Blended-digit seed 0, SAU's of BadNets seed 0
+    0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seed 0
     and Blended-digit seed 0."""
     import sqlite3
     from collections import Counter
@@ -161,7 +165,6 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # blocks left per defense: PAM BadNets seed 1 and Blended-digit seeds 1, 2; SAU BadNets seeds 1, 2 and
-    # Blended-digit seeds 1, 2
-    blocks = {"pam": 3, "sau": 4}
+    # blocks left per defense: PAM Blended-digit seeds 1, 2; SAU BadNets seeds 1, 2 and Blended-digit seeds 1, 2
+    blocks = {"pam": 2, "sau": 4}
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
