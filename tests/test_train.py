@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from antidoor.data import Augment, ImageData
@@ -210,8 +211,10 @@ def test_guard_routes_narrow_strided_pointwise_convs_around_onednn(bundled: Imag
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5)
         assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), reference(x), atol=1e-5)
-    padded = nn.Conv2d(4, 8, 1, stride=2, padding=1)
-    assert type(guard_onednn(nn.Sequential(padded))[0]) is nn.Conv2d  # with padding: not the faulty pattern
+    convs = guard_onednn(nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, padding=1), nn.Conv2d(4, 8, 1, stride=2, padding="valid")))
+    assert [type(c) for c in convs] == [nn.Conv2d, _SubsampledPointwiseConv2d]  # padded: not the faulty pattern
+    x = torch.rand(2, 4, 9, 9)  # an odd size: the subsampled input keeps the strided convolution's output size
+    assert torch.allclose(convs[1](x), F.conv2d(x, convs[1].weight, convs[1].bias, stride=2), atol=1e-6)
 
 
 _NARROW_PREACT_ON_TWO_THREADS = """

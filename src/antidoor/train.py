@@ -103,7 +103,7 @@ class _SubsampledPointwiseConv2d(nn.Conv2d):
 def _onednn_unsafe(module: nn.Module) -> bool:
     """A plain strided 1x1 convolution without padding, narrower than oneDNN's channel block (see above)."""
     return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride != (1, 1)
-            and module.padding == (0, 0) and module.in_channels < _ONEDNN_CHANNEL_BLOCK)
+            and module.padding in ((0, 0), "valid") and module.in_channels < _ONEDNN_CHANNEL_BLOCK)
 
 
 def guard_onednn(model: nn.Module) -> nn.Module:
