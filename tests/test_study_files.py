@@ -132,7 +132,10 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert "## badnets on " in text and "## blended on " in text
-    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.9, cost 1.7 ✓" in text  # SAU at its defaults
+    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.9, cost 1.7 ✓; s1: asr 3.7, cost 1.6 ✓" in text  # defaults
+    # SAU at its defaults on BadNets seed 1: the papers' superficial safety, by RA and by QRA
+    assert "s1: superficial, p_asr 22.1 vs EP 2.9 ✓" in text and "s1: 29.6 vs clean 0.6 ✓" in text
+    assert "- sau: seeds 0, 1: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128" in text
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
@@ -154,8 +157,8 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     defaults instead of the cut since 2026-12-06). Those and their stress are exactly the stages ``antidoor grid
     benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a checkpoint they need is
     gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
-    0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seed 0
-    and Blended-digit seed 0."""
+    0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seeds 0
+    and 1 and Blended-digit seed 0."""
     import sqlite3
     from collections import Counter
 
@@ -165,6 +168,6 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
         done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # blocks left per defense: PAM Blended-digit seeds 1, 2; SAU BadNets seeds 1, 2 and Blended-digit seeds 1, 2
-    blocks = {"pam": 2, "sau": 4}
+    # blocks left per defense: PAM Blended-digit seeds 1, 2; SAU BadNets seed 2 and Blended-digit seeds 1, 2
+    blocks = {"pam": 2, "sau": 3}
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
