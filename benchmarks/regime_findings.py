@@ -28,7 +28,7 @@ from typing import Any
 
 from antidoor.experiment.stages import STORE_NAME, defense_run_spec
 from antidoor.experiment.store import Store
-from antidoor.report.tables import aggregate, curve_rows, label_name, latest_runs, result_rows
+from antidoor.report.tables import aggregate, curve_rows, differing_settings, label_name, latest_runs, result_rows
 from antidoor.report.verdicts import seed_verdicts
 
 SAU_ASR_MAX, COST_MAX, PAM_EP_GAP_MAX, QRA_GAP_MIN = 0.05, 0.03, 0.05, 0.10
@@ -106,15 +106,9 @@ def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: lis
     """One line per defense whose seeds ran under different parameters: the differing ones, per group of seeds."""
     lines = []
     for d in names:
-        known = {s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None}
-        keys = sorted({k for spec in known.values() for k in spec if len({json.dumps(v.get(k)) for v in known.values()}) > 1})
-        if not keys:
-            continue
-        groups: dict[str, list[int]] = defaultdict(list)
-        for s, spec in known.items():
-            groups[", ".join(f"{k}: {spec.get(k, '(not a parameter then)')}" for k in keys)].append(s)
-        lines.append(f"- {d}: " + "; ".join(f"seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))}: {text}"
-                                             for text, ss in groups.items()))
+        text = differing_settings({s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None})
+        if text:
+            lines.append(f"- {d}: {text}")
     return lines
 
 

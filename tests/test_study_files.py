@@ -159,15 +159,51 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
     0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seeds 0
     and 1 and Blended-digit seed 0."""
-    import sqlite3
     from collections import Counter
 
     from antidoor.experiment.stages import plan
+    from antidoor.experiment.store import Store
 
     stages = plan(load_study(BENCHMARKS / "regime_study.yaml"))
-    with sqlite3.connect(BENCHMARKS / "regime" / "study.sqlite") as con:
-        done = {key for (key,) in con.execute("SELECT key FROM runs WHERE status = 'done'")}
+    # read through the Store, read-only: a plain connection left open made the committed store gain -wal/-shm files
+    with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
+        done = {run["key"] for run in store.runs() if run["status"] == "done"}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
     # blocks left per defense: PAM Blended-digit seeds 1, 2; SAU BadNets seed 2 and Blended-digit seeds 1, 2
     blocks = {"pam": 2, "sau": 3}
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
+
+
+def test_differing_settings_groups_seeds_by_the_parameters_they_differ_on() -> None:
+    from antidoor.report.tables import differing_settings
+
+    same = {"name": "sau", "lr": 1e-4, "rounds": 100}
+    assert differing_settings({0: same, 1: dict(same)}) is None and differing_settings({}) is None
+    text = differing_settings({2: {**same, "lr": 5e-4}, 0: same, 1: {**same, "restarts": 3}})
+    assert text == ("seed 0: lr: 0.0001, restarts: (not a parameter then); seed 1: lr: 0.0001, restarts: 3; "
+                    "seed 2: lr: 0.0005, restarts: (not a parameter then)")
+
+
+def test_a_mean_over_seeds_purified_under_different_settings_says_so(run_cli) -> None:
+    """The committed regime store's SAU on BadNets ran at its defaults on seeds 0 and 1 and at the study's former cut
+    on seed 2 (a resumed study whose defaults changed): ``results --mean`` notes that on stderr, keeping csv parseable,
+    and the report lists it; defenses whose seeds agree (PAM on BadNets) and per-seed rows get no note."""
+    import csv
+    import io
+
+    from antidoor.experiment.store import Store
+    from antidoor.report.document import build_report
+
+    mixed = "seeds 0, 1: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128, lr: 0.0005, rounds: 10"
+    res = run_cli("results", BENCHMARKS / "regime", "--mean", "--attack", "badnets", "--format", "csv")
+    assert res.returncode == 0, res.stderr
+    assert f"note: the mean of sau on badnets (whitened_cnn-w64, runs/data/cifar10-20k.npz) mixes settings: {mixed}" in res.stderr
+    assert "pam on badnets" not in res.stderr and "blended" not in res.stderr
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert {r["defense"] for r in rows} >= {"sau", "pam"} and all(r["attack"] == "badnets" for r in rows)
+    per_seed = run_cli("results", BENCHMARKS / "regime", "--attack", "badnets", "--format", "csv")
+    assert per_seed.returncode == 0 and "note:" not in per_seed.stderr
+    with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
+        notes = build_report(store).notes
+    assert any(n.startswith("The mean over seeds of sau on badnets") and mixed in n for n in notes)
+    assert not any("pam on badnets" in n for n in notes)

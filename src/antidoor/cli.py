@@ -519,6 +519,7 @@ def results(
         cell,
         display_columns,
         filter_rows,
+        mixed_settings,
         registered_names,
         render,
         result_rows,
@@ -528,8 +529,15 @@ def results(
         raise AntidoorError(f"--format {fmt!r}: unknown; allowed: {', '.join(FORMATS)}")
     with Store(_study_store(folder), readonly=True) as store:
         rows = filter_rows(result_rows(store), attack_, defense, dataset, names=registered_names(store))
+        mixed = mixed_settings(store) if mean else {}
     if mean:
         rows = aggregate(rows)
+        # a resumed study whose defaults changed can hold seeds purified under different settings: say so (on
+        # stderr, so csv and json stay parseable) rather than average them silently
+        for r in rows:
+            if text := mixed.get((r["dataset"], r["model"], r["attack"], r["defense"])):
+                sys.stderr.write(f"note: the mean of {r['defense']} on {r['attack']} ({r['model']}, {r['dataset']}) "
+                                 f"mixes settings: {text}\n")
     if fmt != "table":
         sys.stdout.write(render(rows, fmt, aggregated=mean))
         return

@@ -11,7 +11,7 @@ from typing import Any
 
 from antidoor.experiment.store import Store
 from antidoor.report import plots
-from antidoor.report.tables import aggregate, curve_rows, display_columns, latest_runs, result_rows
+from antidoor.report.tables import aggregate, curve_rows, display_columns, latest_runs, mixed_settings, result_rows
 from antidoor.report.verdicts import study_verdicts
 
 
@@ -59,6 +59,8 @@ def build_report(store: Store) -> Report:
             notes.append("No retuning-attack results (p_asr) in this store: the study ran without the stress suite.")
     for family, png in plots.curves(curve_rows(store)).items():
         figures.append((f"Curves: {plots.FAMILY_TITLES.get(family, family)}", f"curves_{family}", png))
+    for (dataset, model, attack, defense), text in mixed_settings(store).items():
+        notes.append(f"The mean over seeds of {defense} on {attack} ({model}, {dataset}) mixes settings: {text}.")
     if failed:
         running = sum(r["status"] == "running" for r in failed)
         notes.append(f"{len(failed)} rows did not finish"

@@ -115,6 +115,32 @@ def curve_rows(store: Store) -> list[dict[str, Any]]:
     return out
 
 
+def differing_settings(specs: dict[int, dict[str, Any]]) -> str | None:
+    """The parameters on which one defense's seeds differ, per group of seeds (``"seeds 0, 1: lr: 0.0001; seed 2:
+    lr: 0.0005"``), or None when every seed ran the same ones: the sign of a resumed study whose defaults changed."""
+    keys = sorted({k for spec in specs.values() for k in spec if len({json.dumps(v.get(k)) for v in specs.values()}) > 1})
+    if not keys:
+        return None
+    groups: dict[str, list[int]] = defaultdict(list)
+    for seed, spec in sorted(specs.items()):
+        groups[", ".join(f"{k}: {spec.get(k, '(not a parameter then)')}" for k in keys)].append(seed)
+    return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {text}"
+                     for text, seeds in groups.items())
+
+
+def mixed_settings(store: Store) -> dict[tuple, str]:
+    """Per (dataset, model, attack, defense) row label: the :func:`differing_settings` of its seeds' purifications,
+    where they differ, so a mean over seeds can say it mixes settings."""
+    from antidoor.experiment.stages import defense_run_spec
+
+    specs: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for run in latest_runs(store, "purify"):
+        defense = json.loads(run["config"]).get("defense")
+        if isinstance(defense, dict) and "name" in defense:
+            specs[tuple(run[k] for k in KEYS if k != "seed")][run["seed"]] = defense_run_spec(defense)
+    return {group: text for group, per_seed in specs.items() if (text := differing_settings(per_seed))}
+
+
 def label_name(label: object) -> str:
     """A row label without the ``#i`` that tells two same-named entries apart or a subset's ``[...]``."""
     return str(label).split("#")[0].split("[")[0]
