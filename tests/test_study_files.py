@@ -207,3 +207,27 @@ def test_a_mean_over_seeds_purified_under_different_settings_says_so(run_cli) ->
         notes = build_report(store).notes
     assert any(n.startswith("The mean over seeds of sau on badnets") and mixed in n for n in notes)
     assert not any("pam on badnets" in n for n in notes)
+
+
+def test_mixed_settings_reads_a_defense_this_install_does_not_register(tmp_path) -> None:
+    """A store may hold a plugin's defense that is not loaded here: the note compares its stored spec, no error."""
+    import contextlib
+    import json
+    import shutil
+    import sqlite3
+
+    from antidoor.experiment.store import Store
+    from antidoor.report.tables import mixed_settings
+
+    db = tmp_path / "study.sqlite"
+    shutil.copy(BENCHMARKS / "regime" / "study.sqlite", db)
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        rows = con.execute("SELECT id, config FROM runs WHERE stage = 'purify' AND attack = 'badnets' AND defense = 'ft'")
+        for run_id, config in rows.fetchall():
+            cfg = json.loads(config)
+            cfg["defense"]["name"] = "plugin-ft"
+            con.execute("UPDATE runs SET config = ? WHERE id = ?", (json.dumps(cfg), run_id))
+    with Store(db, readonly=True) as store:
+        mixed = mixed_settings(store)
+    assert not any(key[2] == "badnets" and key[3] == "ft" for key in mixed)  # its seeds agree: no note, no error
+    assert "seeds 0, 1: batch_size: 256" in mixed[("runs/data/cifar10-20k.npz", "whitened_cnn-w64", "badnets", "sau")]

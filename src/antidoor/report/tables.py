@@ -16,6 +16,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from antidoor.errors import AntidoorError
 from antidoor.experiment.store import Store, config_key
 
 KEYS = ["dataset", "model", "attack", "seed", "defense"]
@@ -136,8 +137,13 @@ def mixed_settings(store: Store) -> dict[tuple, str]:
     specs: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
     for run in latest_runs(store, "purify"):
         defense = json.loads(run["config"]).get("defense")
-        if isinstance(defense, dict) and "name" in defense:
-            specs[tuple(run[k] for k in KEYS if k != "seed")][run["seed"]] = defense_run_spec(defense)
+        if not (isinstance(defense, dict) and "name" in defense):
+            continue
+        try:
+            defense = defense_run_spec(defense)
+        except AntidoorError:  # a defense this install does not register (a plugin not loaded): compare as stored
+            pass
+        specs[tuple(run[k] for k in KEYS if k != "seed")][run["seed"]] = defense
     return {group: text for group, per_seed in specs.items() if (text := differing_settings(per_seed))}
 
 
