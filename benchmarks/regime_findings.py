@@ -21,14 +21,13 @@ the defender's validation data (``chosen.*``: PAM's rho).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from antidoor.experiment.stages import STORE_NAME, defense_run_spec
+from antidoor.experiment.stages import STORE_NAME
 from antidoor.experiment.store import Store
-from antidoor.report.tables import aggregate, curve_rows, differing_settings, label_name, latest_runs, result_rows
+from antidoor.report.tables import aggregate, curve_rows, defense_specs, differing_settings, label_name, result_rows
 from antidoor.report.verdicts import seed_verdicts
 
 SAU_ASR_MAX, COST_MAX, PAM_EP_GAP_MAX, QRA_GAP_MIN = 0.05, 0.03, 0.05, 0.10
@@ -57,8 +56,7 @@ def findings(folder: Path) -> str:
         verdicts = seed_verdicts(store)
         curves = [c for c in curve_rows(store) if c["family"] == "path" and c["metric"] == "asr"]
         # what each stage ran: a parameter its key leaves out at its neutral value (PAM's one start) is put back
-        specs = {(r["dataset"], r["model"], r["attack"], label_name(r["defense"]), r["seed"]):
-                 defense_run_spec(json.loads(r["config"])["defense"]) for r in latest_runs(store, "purify")}
+        specs = {(d, m, a, label_name(p), s): spec for (d, m, a, p, s), spec in defense_specs(store).items()}
     by_seed: dict[tuple, dict[int, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         by_seed[(r["dataset"], r["model"], r["attack"])][r["seed"]][label_name(r["defense"])] = r

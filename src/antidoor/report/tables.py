@@ -129,22 +129,31 @@ def differing_settings(specs: dict[int, dict[str, Any]]) -> str | None:
                      for text, seeds in groups.items())
 
 
-def mixed_settings(store: Store) -> dict[tuple, str]:
-    """Per (dataset, model, attack, defense) row label: the :func:`differing_settings` of its seeds' purifications,
-    where they differ, so a mean over seeds can say it mixes settings."""
+def defense_specs(store: Store) -> dict[tuple, dict[str, Any]]:
+    """Per (dataset, model, attack, defense row label, seed): the parameters its current purification ran with
+    (``defense_run_spec``: a ``KEY_NEUTRAL`` parameter its key leaves out is put back at its neutral value)."""
     from antidoor.experiment.stages import defense_run_spec
 
-    specs: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    specs = {}
     for run in latest_runs(store, "purify"):
         defense = json.loads(run["config"]).get("defense")
         if not (isinstance(defense, dict) and "name" in defense):
             continue
         try:
             defense = defense_run_spec(defense)
-        except AntidoorError:  # a defense this install does not register (a plugin not loaded): compare as stored
+        except AntidoorError:  # a defense this install does not register (a plugin not loaded): as stored
             pass
-        specs[tuple(run[k] for k in KEYS if k != "seed")][run["seed"]] = defense
-    return {group: text for group, per_seed in specs.items() if (text := differing_settings(per_seed))}
+        specs[(run["dataset"], run["model"], run["attack"], run["defense"], run["seed"])] = defense
+    return specs
+
+
+def mixed_settings(store: Store) -> dict[tuple, str]:
+    """Per (dataset, model, attack, defense) row label: the :func:`differing_settings` of its seeds' purifications,
+    where they differ, so a mean over seeds can say it mixes settings."""
+    per_group: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for (*group, seed), spec in defense_specs(store).items():
+        per_group[tuple(group)][seed] = spec
+    return {group: text for group, per_seed in per_group.items() if (text := differing_settings(per_seed))}
 
 
 def label_name(label: object) -> str:
