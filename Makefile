@@ -6,6 +6,9 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# One pytest worker per core (pytest-xdist), at most 4: the tests run torch at one thread each (tests/conftest.py),
+# so a 2-core machine runs two at once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test lint install install-dev clean
 
@@ -32,7 +35,7 @@ demo: install
 	$(BIN)/antidoor demo
 
 test: install-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check .

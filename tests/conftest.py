@@ -29,7 +29,8 @@ SHARED_DATA = REPO_DIR.parent / "shared" / "data"
 
 # Tiny models train 10-80x faster on one thread than on two busy cores (OpenMP threads spin and
 # fight over the CPUs); the CLI subprocesses get the same setting through OMP_NUM_THREADS.
-# Set OMP_NUM_THREADS yourself to choose another count.
+# Set OMP_NUM_THREADS yourself to choose another count. So one process uses one core: `make test` runs one
+# pytest-xdist worker per core, each with its own copy of the session fixtures below.
 THREADS = int(os.environ.get("OMP_NUM_THREADS", "1"))
 torch.set_num_threads(THREADS)
 

@@ -326,7 +326,7 @@ def test_ray_address_that_accepts_but_never_answers_fails_fast(tmp_path: Path) -
     import socket
 
     silent = socket.socket()
-    silent.bind(("0.0.0.0", 0))
+    silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
         study = write_study(tmp_path / "study.yaml")
