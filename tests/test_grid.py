@@ -103,7 +103,20 @@ def test_a_defense_parameter_added_later_stays_out_of_keys_at_the_value_that_rep
     assert "restarts" not in single  # the key the single-start PAM stages were stored under
     # the job runs what the key stands for: one start, not today's default of 3; other parameters as keyed
     assert defense_run_spec(single)["restarts"] == 1 and defense_run_spec(purify["pam"])["restarts"] == 3
-    assert defense_run_spec(defense_key_spec({**single, "restarts": 1})) == {**single, "restarts": 1}
+    full = {**single, "restarts": 1, "rho_halvings": 3}  # every parameter, the neutral ones put back
+    assert defense_run_spec(defense_key_spec(full)) == full
+
+
+def test_pam_rho_halvings_at_its_default_keeps_the_stored_keys() -> None:
+    from antidoor.experiment.stages import defense_run_spec
+
+    keys = {}
+    for halvings in (None, 3, 0):
+        pam = {"name": "pam"} if halvings is None else {"name": "pam", "rho_halvings": halvings}
+        keys[halvings] = next((s.key, s.config.get("defense")) for s in plan(load_study(base={**TINY, "defenses": [pam]}))
+                              if s.kind == "purify")
+    assert keys[None] == keys[3] and "rho_halvings" not in keys[3][1] and defense_run_spec(keys[3][1])["rho_halvings"] == 3
+    assert keys[0][0] != keys[3][0] and keys[0][1]["rho_halvings"] == 0
 
 
 def test_a_grid_stage_runs_what_its_key_stands_for(tmp_path: Path) -> None:

@@ -270,8 +270,8 @@ def test_pam_defaults_are_the_official_recipe_but_one_round_of_10_epochs_with_mo
 def test_default_rho_is_auto_for_every_pam_defense():
     for name in ("pam", "ft-pam", "sau-pam"):
         spec = validate_defense_spec({"name": name})
-        assert (spec["rho"], spec["rho_candidates"], spec["rho_tolerance"], spec["rho_reference"]) == (
-            "auto", [0.9, 0.7, 0.5, 0.3, 0.1], 0.01, "rho_zero")
+        assert (spec["rho"], spec["rho_candidates"], spec["rho_tolerance"], spec["rho_reference"], spec["rho_halvings"]) == (
+            "auto", [0.9, 0.7, 0.5, 0.3, 0.1], 0.01, "rho_zero", 3)
     assert validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.1, 0.5, 0.1]})["rho_candidates"] == [0.5, 0.1]
     with pytest.raises(AntidoorError, match=r"defense\.rho_candidates"):
         validate_defense_spec({"name": "ft-pam", "rho_candidates": [0.5, -0.1]})
@@ -314,7 +314,7 @@ def test_rho_auto_without_a_candidate_in_budget_keeps_the_most_accurate(badnets_
     # candidate passes and the most accurate is kept (the expectation covers both outcomes)
     reference = defender.val_accuracy(model)
     auto = purify(model, defender, "ft-pam", seed=5, chosen=chosen, rho_candidates=[0.9, 0.5], rho_tolerance=0.0,
-                  rho_reference="given_model", **FT_TINY)
+                  rho_reference="given_model", rho_halvings=0, **FT_TINY)
     passing = [rho for rho in (0.9, 0.5) if accs[rho] >= reference]
     expected = passing[0] if passing else max((0.9, 0.5), key=lambda r: (accs[r], r))
     assert chosen["rho"] == expected and chosen["rho_val_clean_acc"] == pytest.approx(accs[expected])
@@ -325,6 +325,33 @@ def test_rho_auto_without_a_candidate_in_budget_keeps_the_most_accurate(badnets_
     expected = 0.9 if accs[0.9] >= accs[0.0] else 0.0
     assert chosen["rho"] == expected and chosen["rho_runs"] == 2
     assert _same(auto, runs[expected])
+
+
+def test_rho_auto_halves_the_smallest_candidate_when_none_is_within_the_budget(badnets_run, defender, capsys):
+    model = badnets_run.result.model
+    rhos = (0.9, 0.45, 0.225, 0.0)
+    runs = {rho: purify(model, defender, "ft-pam", seed=6, rho=rho, **FT_TINY) for rho in rhos}
+    accs = {rho: defender.val_accuracy(m) for rho, m in runs.items()}
+    # the budget is what the grid's candidate missed by, less a hair: 0.9 fails it, a halved rho may pass
+    tolerance = max(accs[0.0] - accs[0.9] - 1e-3, 0.0)
+    if accs[0.9] >= accs[0.0] - tolerance:
+        pytest.skip("rho 0.9 is as accurate as rho 0 on this model: nothing to halve")
+    chosen: dict[str, float] = {}
+    auto = purify(model, defender, "ft-pam", seed=6, chosen=chosen, rho_candidates=[0.9], rho_tolerance=tolerance,
+                  rho_halvings=2, **FT_TINY)
+    passing = [rho for rho in (0.45, 0.225) if accs[rho] >= accs[0.0] - tolerance - 1e-9]
+    expected = passing[0] if passing else max((0.9, 0.45, 0.225), key=lambda r: (accs[r], r))
+    assert chosen["rho"] == expected and _same(auto, runs[expected])
+    assert chosen["rho_candidates_tried"] == (1 + (0.45, 0.225).index(expected) + 1 if passing else 3)
+    err = capsys.readouterr().err
+    assert "rho 0.45 -> defender validation accuracy" in err and "halved: no candidate was within the budget" in err
+    assert ("no rho tried (0.9, 0.45, 0.225)" in err) is (not passing)
+    # without halvings the grid's candidate is all there is: kept, with the warning
+    chosen = {}
+    purify(model, defender, "ft-pam", seed=6, chosen=chosen, rho_candidates=[0.9], rho_tolerance=tolerance,
+           rho_halvings=0, **FT_TINY)
+    assert chosen["rho"] == 0.9 and chosen["rho_runs"] == 2
+    assert "no rho tried (0.9) kept" in capsys.readouterr().err
 
 
 def test_pam_auto_reuses_round_one_inversion_and_matches_fixed_rho_runs(badnets_run, defender):

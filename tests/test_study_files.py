@@ -174,6 +174,29 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
 
 
+def test_no_stored_rho_auto_search_reached_the_fallback_rho_halvings_changes() -> None:
+    """``rho_halvings`` (PAM's ``rho: auto``) came after the study's PAM stages and is left out of stage keys at its
+    default, 3 (``PAMSettings.KEY_NEUTRAL``): sound only while it acts nowhere in the store, i.e. every stored search
+    kept a candidate within its budget, where halving is never reached."""
+    import json
+
+    from antidoor.experiment.store import Store
+
+    with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
+        searches = 0
+        for run in store.runs("purify"):
+            spec = json.loads(run["config"])["defense"]
+            if run["status"] != "done" or spec.get("rho") != "auto":
+                continue
+            chosen = {m["name"]: m["value"] for m in store.metrics(run["id"]) if m["name"].startswith("chosen.rho")}
+            assert "rho_halvings" not in spec
+            assert chosen["chosen.rho"] in spec["rho_candidates"], run["id"]
+            assert chosen["chosen.rho_val_clean_acc"] >= chosen["chosen.rho_reference_val_clean_acc"] \
+                - spec["rho_tolerance"] - 1e-6, run["id"]
+            searches += 1
+    assert searches >= 12  # every PAM stage stored, superseded ones included
+
+
 def test_differing_settings_groups_seeds_by_the_parameters_they_differ_on() -> None:
     from antidoor.report.tables import differing_settings
 
