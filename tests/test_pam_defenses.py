@@ -344,6 +344,8 @@ def test_rho_auto_halves_the_smallest_candidate_when_none_is_within_the_budget(b
     assert chosen["rho"] == expected and _same(auto, runs[expected])
     assert chosen["rho_candidates_tried"] == (1 + (0.45, 0.225).index(expected) + 1 if passing else 3)
     err = capsys.readouterr().err
+    assert "ft-pam: rho: auto runs the defense at rho 0, then at rho 0.9 until one is within the validation budget, " \
+           "up to 4 runs" in " ".join(err.split())
     assert "rho 0.45 -> defender validation accuracy" in err and "halved: no candidate was within the budget" in err
     assert ("no rho tried (0.9, 0.45, 0.225)" in err) is (not passing)
     # without halvings the grid's candidate is all there is: kept, with the warning

@@ -159,6 +159,11 @@ class PathAware:
                 runs[rho] = (data.val_accuracy(result), result)
             return runs[rho]
 
+        candidates = list(self._auto_candidates())
+        most = len(candidates) + (p.rho_reference == "rho_zero" and 0.0 not in candidates)
+        info(f"{self.name}: rho: auto runs the defense {'at rho 0, then ' if p.rho_reference == 'rho_zero' else ''}"  # type: ignore[attr-defined]
+             f"at rho {', '.join(f'{r:g}' for r in p.rho_candidates)} until one is within the validation budget, up to "
+             f"{most} runs (a fixed rho, e.g. defense.rho=0.5, runs once)")
         try:
             if p.rho_reference == "rho_zero":
                 reference, yardstick = run(0.0)[0], "rho 0's"
@@ -166,7 +171,7 @@ class PathAware:
                 reference, yardstick = data.val_accuracy(model), "the given model's"
             tried: list[float] = []
             kept = None
-            for rho in self._auto_candidates():
+            for rho in candidates:
                 acc = run(rho)[0]
                 tried.append(rho)
                 halved = " (halved: no candidate was within the budget)" if len(tried) > len(p.rho_candidates) else ""
