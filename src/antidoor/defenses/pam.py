@@ -105,7 +105,8 @@ class PAMSettings(BaseModel):
 
     # rho_halvings was added after studies were stored. It acts only when no candidate is within the budget, which no
     # stored stage reached (tests/test_study_files.py checks the committed study), so at its default it stays out of
-    # stage keys (experiment.stages.defense_key_spec) and those stages resume.
+    # stage keys (experiment.stages.defense_key_spec) and those stages resume. (A study of one's own stored before
+    # 2026-12-06 whose search warned "no rho in [...] kept" ran the old fallback under a key that now reads as 3.)
     KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"rho_halvings": 3}
 
     @field_validator("rho_candidates")
