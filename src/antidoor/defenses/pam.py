@@ -197,7 +197,6 @@ class PathAware:
 
 
 class PAMParams(BTIDBFParams, PAMSettings):
-    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {**BTIDBFParams.KEY_NEUTRAL, **PAMSettings.KEY_NEUTRAL}
     restarts: int = Field(3, ge=1, description="round-1 inversions from different starts of G, the one scoring highest "
                                                "on the generator objective over the defender's validation images kept "
                                                "(official: 1)")

@@ -75,8 +75,9 @@ def artifact_path(kind: str, key: str) -> str:
 def key_neutral(cls: type) -> dict[str, Any]:
     """The fields a config or ``Params`` class lists in ``KEY_NEUTRAL``: each was added after studies were stored,
     mapped to the value that reproduces the behaviour before it (not necessarily today's default). At that value the
-    field stays out of stage keys, so those studies' stages keep their keys and resume."""
-    return dict(getattr(cls, "KEY_NEUTRAL", {}))
+    field stays out of stage keys, so those studies' stages keep their keys and resume. Every base class's list
+    counts (PAM's parameters combine BTI-DBF's with the shared ``PAMSettings``), the nearer class winning a clash."""
+    return {name: value for base in reversed(cls.__mro__) for name, value in vars(base).get("KEY_NEUTRAL", {}).items()}
 
 
 def key_dump(config: BaseModel) -> dict[str, Any]:
