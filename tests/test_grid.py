@@ -380,6 +380,44 @@ def test_resume_without_checkpoints_reruns_only_what_a_stage_left_to_run_needs(i
     assert [got[k] for k in measured] == [want[k] for k in measured]
 
 
+def test_resume_reruns_a_needed_checkpoint_that_is_not_the_one_the_store_recorded(inline_study: Path, tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A store copied from another machine over an older folder: a checkpoint on disk with the right name but
+    another run's bytes is not built on. Where a stage left to run reads it, it runs again (and, the same machine,
+    reproduces); where nothing reads it, it stays as it is (only the checkpoints to be read are checked)."""
+    folder = tmp_path / "swapped"
+    shutil.copytree(inline_study, folder)
+    done_only = {**TINY, "defenses": TINY["defenses"][:1]}
+    with Store(folder / STORE_NAME) as store:
+        keys = {r["stage"]: r["key"] for r in store.runs() if r["status"] == "done"}
+        before = {r["key"]: r for r in store.runs()}
+    from antidoor.experiment.stages import artifact_path
+
+    for stage in ("attack", "purify"):  # same size, other bytes: what a retraining on another CPU leaves
+        path = folder / artifact_path(stage, keys[stage])
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    capsys.readouterr()
+    summary = run_grid(load_study(base=done_only), folder, resume=True)  # nothing left to run reads either checkpoint
+    assert (summary.reused, summary.done) == (3, 0)
+    assert "is not the checkpoint the store recorded" not in capsys.readouterr().err
+    extended = {**done_only, "defenses": [*done_only["defenses"], {"name": "ft", "epochs": 1, "batch_size": 16}]}
+    summary = run_grid(load_study(base=extended), folder, resume=True)  # the new FT reads the backdoored model
+    err = " ".join(capsys.readouterr().err.split())
+    assert "artifacts/attack/" in err and "is not the checkpoint the store recorded for it" in err
+    assert (summary.reused, summary.done, summary.failed) == (2, 2, 0)
+    with Store(folder / STORE_NAME) as store:
+        after = {r["key"]: r for r in store.runs()}
+        recorded = {a["path"]: a["sha256"] for a in store.artifacts()}
+    assert {s: after[keys[s]]["attempts"] for s in ("clean", "attack", "purify")} == {"clean": 1, "attack": 2, "purify": 1}
+    assert after[keys["purify"]]["finished"] == before[keys["purify"]]["finished"]  # reproduced: the old FT stands
+    import hashlib
+
+    attack_file = artifact_path("attack", keys["attack"])
+    assert hashlib.sha256((folder / attack_file).read_bytes()).hexdigest() == recorded[attack_file]
+
+
 def moved_study(study: Path, folder: Path, attack_status: str = "done") -> Path:
     """A copy of ``study`` as another CPU would resume it: no checkpoints, and a recorded attack clean_acc that
     retraining cannot reproduce (bf16 kernels differ between CPUs); the attack row left as ``attack_status``."""

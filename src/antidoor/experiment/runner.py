@@ -8,7 +8,9 @@ stages left ``running`` by a killed grid, and failed ones, are run again. A fini
 checkpoint is gone runs again only when a stage still to run needs that checkpoint, so a study's
 store and stress results committed without their checkpoints resume where they stopped; where that
 rerun does not reproduce its results (another CPU), the finished stages of its incomplete
-(attack, seed) blocks run again too, so no block mixes two models, while complete blocks stay. One driver per study
+(attack, seed) blocks run again too, so no block mixes two models, while complete blocks stay. A checkpoint on
+disk that a stage left to run reads must be the one the store recorded (its sha256): another run's (a store copied
+from another machine over an older folder) counts as missing. One driver per study
 folder at a time (the workers may be many): :func:`driver_lock`. ``touch FOLDER/STOP`` during a run ends it
 gracefully: the stages in flight finish and are recorded, no new one starts, and ``--resume`` goes on.
 """
@@ -129,22 +131,25 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     (out / STOP_NAME).unlink(missing_ok=True)  # left by an earlier stop (we hold the lock): this run starts afresh
     for tmp in (out / "artifacts").glob("*/.*.tmp"):  # half-written checkpoints of a killed grid (we hold the lock)
         tmp.unlink(missing_ok=True)
-    finished = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
-    # A stage recorded as done whose checkpoint was deleted (to save disk, or a store copied without its
-    # checkpoints) runs again only if a stage still to run needs that checkpoint; plan() lists upstream
-    # first, so walking it backwards sees every consumer before its upstream stages.
-    needed: set[str] = set()
-    bare: list[Stage] = []
-    for s in reversed(stages):
-        if s.key in finished:
-            continue
-        if status.get(s.key) == "done" and s.key not in needed:
-            finished.add(s.key)
-            bare.append(s)
-            continue
-        if status.get(s.key) == "done":
-            warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
-        needed.update(s.deps.values())
+    on_disk = {s.key for s in stages if status.get(s.key) == "done" and (out / s.artifact).is_file()}
+    # a checkpoint on disk that a stage still to run will read must be the one the store recorded: a store
+    # brought from another machine (or restored from a copy) over an older folder would otherwise build new
+    # stages on another run's model, under the record of this one. Only the checkpoints to be read are hashed.
+    distrusted: set[str] = set()
+    checked: set[str] = set()
+    while True:
+        finished, needed, bare, missing = _finished_stages(stages, status, on_disk, distrusted)
+        to_check = [s for s in stages if s.key in (finished & needed) - checked]
+        checked.update(s.key for s in to_check)
+        mismatched = _foreign_checkpoints(out, to_check, store)
+        if not mismatched:
+            break
+        for s in mismatched:
+            warn(f"{s.describe()}: {s.artifact} is not the checkpoint the store recorded for it (another run's, e.g. "
+                 "a store copied from another machine over this folder); running it again")
+        distrusted.update(s.key for s in mismatched)
+    for s in missing:
+        warn(f"{s.describe()}: recorded as done but {s.artifact} is missing; running it again")
     if bare:
         info(f"{len(bare)} finished stage(s) without their checkpoint are not rerun: no stage left to run needs them "
              f"({', '.join(s.describe() for s in bare[:2])}{', ...' if len(bare) > 2 else ''})")
@@ -166,6 +171,57 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
                                    store))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _finished_stages(stages: list[Stage], status: dict[str, str], on_disk: set[str],
+                     distrusted: set[str]) -> tuple[set[str], set[str], list[Stage], list[Stage]]:
+    """Which stages count as finished, which finished checkpoints stages still to run need, the finished stages
+    without a checkpoint that nothing needs, and the done stages that run again for want of theirs.
+
+    A stage recorded as done whose checkpoint was deleted (to save disk, or a store copied without its
+    checkpoints) runs again only if a stage still to run needs that checkpoint; plan() lists upstream
+    first, so walking it backwards sees every consumer before its upstream stages. ``distrusted`` checkpoints
+    count as missing."""
+    finished = on_disk - distrusted
+    needed: set[str] = set()
+    bare: list[Stage] = []
+    rerun: list[Stage] = []
+    for s in reversed(stages):
+        if s.key in finished:
+            continue
+        if status.get(s.key) == "done" and s.key not in needed:
+            finished.add(s.key)
+            bare.append(s)
+            continue
+        if status.get(s.key) == "done" and s.key not in distrusted:
+            rerun.append(s)
+        needed.update(s.deps.values())
+    return finished, needed, bare, rerun
+
+
+def _foreign_checkpoints(out: Path, stages: list[Stage], store: Store) -> list[Stage]:
+    """The ``stages`` whose checkpoint on disk differs from the one the store recorded (bytes, then sha256).
+    A stage whose record holds no digest (a store from before digests were kept) is trusted."""
+    import hashlib
+
+    keys = {r["id"]: r["key"] for r in store.runs()}
+    recorded = {(keys.get(a["run_id"]), a["path"]): a for a in store.artifacts()}
+    foreign = []
+    for s in stages:
+        record = recorded.get((s.key, s.artifact))
+        if record is None or not record["sha256"]:
+            continue
+        path = out / s.artifact
+        if record["bytes"] is not None and path.stat().st_size != record["bytes"]:
+            foreign.append(s)
+            continue
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != record["sha256"]:
+            foreign.append(s)
+    return foreign
 
 
 TRIGGER_FILES = "trigger_files"  # the store's record of each attack file's sha256, path -> digest
