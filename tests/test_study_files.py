@@ -114,6 +114,50 @@ def test_snapshot_tool_copies_the_store_and_only_vouched_stress_results(tmp_path
     assert bad.returncode == 2 and "study.sqlite does not exist" in bad.stderr
 
 
+def test_snapshot_tool_refuses_a_working_store_behind_the_committed_one(tmp_path: Path) -> None:
+    """Another machine committed rows after this working store was copied: a snapshot would drop them, so it is
+    refused (exit 2, naming the stages) unless --force; once the working store holds them, it goes through."""
+    import shutil
+    import subprocess
+    import sys
+
+    from antidoor.experiment.store import Metric, Store
+
+    src, dst = tmp_path / "runs", tmp_path / "committed"
+    src.mkdir()
+    labels = {"dataset": "d", "model": "m", "attack": "badnets", "seed": 0}
+    with Store(src / "study.sqlite") as store:
+        store.finish(store.start("ft1", "purify", {"k": "ft1"}, {**labels, "defense": "ft"}), [Metric("purify", "asr", 0.9)])
+
+    def snap(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "tools/snapshot_study.py", str(src), str(dst), *extra],
+                              capture_output=True, text=True, cwd=BENCHMARKS.parent)
+
+    assert snap().returncode == 0
+    with Store(dst / "study.sqlite") as committed:  # another machine's session: a new stage, and FT run again
+        committed.finish(committed.start("sau1", "purify", {"k": "sau1"}, {**labels, "defense": "sau"}),
+                         [Metric("purify", "asr", 0.03)])
+        committed.finish(committed.start("ft1", "purify", {"k": "ft1"}, {**labels, "defense": "ft"}),
+                         [Metric("purify", "asr", 0.8)])
+    saved = (dst / "study.sqlite").read_bytes()
+    res = snap()
+    err = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "records 2 stage run(s)" in err and "the working store is behind" in err
+    assert "purify badnets sau 0 (missing in the working store)" in err
+    assert "purify badnets ft 0 (an older run in the working store)" in err
+    assert (dst / "study.sqlite").read_bytes() == saved  # refused untouched
+    shutil.copy(dst / "study.sqlite", src / "study.sqlite")  # brought up to date: goes through
+    assert snap().returncode == 0
+    with Store(dst / "study.sqlite", readonly=True) as committed:
+        assert {r["key"] for r in committed.runs()} == {"ft1", "sau1"}
+    with Store(src / "study.sqlite") as store:  # the working store behind again; --force overwrites anyway
+        store.conn.execute("DELETE FROM runs WHERE key = 'sau1'")
+        store.conn.commit()
+    assert snap().returncode == 2 and snap("--force").returncode == 0
+    with Store(dst / "study.sqlite", readonly=True) as committed:
+        assert {r["key"] for r in committed.runs()} == {"ft1"}
+
+
 def test_findings_of_the_committed_regime_study() -> None:
     """benchmarks/regime_findings.py reads the committed store: seed 0's figures, criteria and chosen settings."""
     import subprocess

@@ -9,6 +9,9 @@ committed folder never holds a result its store does not vouch for. A stage in f
 store reads as if it had not started. A stage rerunning (recorded as running, its earlier results still
 there: the store replaces them only when the rerun ends) reads as its earlier record: done, with the committed
 store's time and versions for it where that store records it done, else with its time unknown. Checkpoints are never copied.
+A working store that is behind the committed one (a stage the committed store records is missing from it, or
+recorded there by an older run: another machine's rows landed after it was copied) is refused, exit code 2,
+unless ``--force``: the copy would drop those rows.
 
     python tools/snapshot_study.py runs/regime benchmarks/regime
     antidoor report runs/regime --out benchmarks/regime     # then the tables and figures
@@ -40,6 +43,21 @@ def _committed_done(store: Path, keys: list[str]) -> dict[str, tuple]:
 
 def _labels(what: list) -> str:
     return " ".join(str(w) for w in what if w is not None)
+
+
+def behind(src: Path, dst: Path) -> list[str]:
+    """The stages the committed store ``dst`` records that the working store ``src`` lacks, or holds an older run
+    of (started before the committed one): a working store copied before another machine committed its rows.
+    Snapshotting it would take those rows out of the committed store."""
+    if not (dst / STORE_NAME).is_file():
+        return []
+    with contextlib.closing(sqlite3.connect(src / STORE_NAME)) as c:
+        here = dict(c.execute("SELECT key, started FROM runs").fetchall())
+    with contextlib.closing(sqlite3.connect(dst / STORE_NAME)) as c:
+        there = c.execute("SELECT key, started, stage, attack, defense, seed FROM runs").fetchall()
+    return [f"{_labels(what)} ({'missing' if key not in here else 'an older run'} in the working store)"
+            for key, started, *what in there
+            if key not in here or (started is not None and (here[key] is None or here[key] < started))]
 
 
 def snapshot(src: Path, dst: Path) -> dict[str, int]:
@@ -95,9 +113,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path, help="the grid's --out folder (holds study.sqlite)")
     ap.add_argument("dst", type=Path, help="the committed folder")
+    ap.add_argument("--force", action="store_true",
+                    help="overwrite the committed store even where it records stages the working store lacks")
     args = ap.parse_args()
     if not (args.src / STORE_NAME).is_file():
         ap.error(f"{args.src / STORE_NAME} does not exist; give the grid's --out folder")
+    lost = [] if args.force else behind(args.src, args.dst)
+    if lost:
+        ap.error(f"{args.dst / STORE_NAME} records {len(lost)} stage run(s) that {args.src / STORE_NAME} lacks or "
+                 f"holds an older run of, e.g. {'; '.join(lost[:3])}: the working store is behind the committed one "
+                 "(copied before another machine's rows landed), and the snapshot would drop them. Copy the committed "
+                 f"store over the working one (cp {args.dst / STORE_NAME} {args.src}/; its checkpoints stay, and "
+                 "`antidoor grid --resume` reruns any that is not the one recorded), resume, then snapshot; or "
+                 "--force to overwrite")
     print(snapshot(args.src, args.dst))
 
 
