@@ -119,8 +119,16 @@ def test_pt_that_is_not_a_state_dict(tmp_path: Path) -> None:
     with pytest.raises(AntidoorError, match="must hold a dict of tensors"):
         load_checkpoint(tmp_path / "m.pt")
     torch.save({"epoch": 3}, tmp_path / "m.pt")
-    with pytest.raises(AntidoorError, match="must hold a dict of tensors"):
+    with pytest.raises(AntidoorError, match=r"must hold a dict of tensors .*its entry 'epoch' is of type int$"):
         load_checkpoint(tmp_path / "m.pt")
+    # a training checkpoint: the error says where its weights are and how to save them alone
+    weights = build_model("small_cnn", 10, width=4).state_dict()
+    torch.save({"epoch": 3, "state_dict": weights}, tmp_path / "m.pt")
+    with pytest.raises(AntidoorError, match=r"entry 'epoch' is of type int; its weights look nested under 'state_dict': "
+                                            r"save that entry alone, torch.save\(checkpoint\['state_dict'\], path\)"):
+        load_checkpoint(tmp_path / "m.pt")
+    torch.save(weights, tmp_path / "m.pt")  # done as it says: loads
+    assert load_checkpoint(tmp_path / "m.pt").model is not None
 
 
 @pytest.mark.parametrize("corruption", ["empty", "garbage", "truncated", "bad_header"])

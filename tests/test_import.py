@@ -92,7 +92,7 @@ def test_cli_import_then_stress_in_two_commands(run_cli, badnets_run, clean_run,
     assert doc["verdicts"]["ft"]["verdict"] in ("not purified", "superficial", "deep")
 
 
-@pytest.mark.parametrize("case", ["pickle", "shape", "mean"])
+@pytest.mark.parametrize("case", ["pickle", "shape", "mean", "no mean", "training checkpoint"])
 def test_cli_import_bad_input_is_one_line(run_cli, tmp_path, case):
     import torchvision
 
@@ -102,7 +102,13 @@ def test_cli_import_bad_input_is_one_line(run_cli, tmp_path, case):
     torch.save({"x": object}, evil)
     args = {"pickle": [evil, "--arch", "torchvision:resnet18", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"],
             "shape": [good, "--arch", "resnet18", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"],
-            "mean": [good, "--arch", "torchvision:resnet18", "--mean", "0.5;0.5", "--std", "0.5,0.5,0.5"]}[case]
+            "mean": [good, "--arch", "torchvision:resnet18", "--mean", "0.5;0.5", "--std", "0.5,0.5,0.5"],
+            "no mean": [good, "--arch", "torchvision:resnet18"],
+            "training checkpoint": [tmp_path / "train.pt", "--arch", "torchvision:resnet18", "--mean", "0.5,0.5,0.5",
+                                    "--std", "0.5,0.5,0.5"]}[case]
+    torch.save({"epoch": 5, "state_dict": torch.load(good, weights_only=True)}, tmp_path / "train.pt")
     run = run_cli if case == "pickle" else invoke_main  # the refusal to unpickle through a real subprocess
     line = run("import", *args, "--num-classes", "10", "--out", tmp_path / "out").error_line()
-    assert {"pickle": "refusing to load", "shape": "conv1.weight", "mean": "--mean '0.5;0.5'"}[case] in line
+    assert {"pickle": "refusing to load", "shape": "conv1.weight", "mean": "--mean '0.5;0.5'",
+            "no mean": "model.mean: required, not given; model.std: required, not given",
+            "training checkpoint": "its weights look nested under 'state_dict'"}[case] in line

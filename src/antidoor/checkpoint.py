@@ -113,10 +113,24 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # torch.load fails on junk with RuntimeError, IndexError, EOFError, BadZipFile, ...
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise AntidoorError(f"checkpoint {str(path)!r} is not a readable PyTorch file ({clip(first, 200)})") from None
-        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            raise AntidoorError(f"checkpoint {str(path)!r} must hold a dict of tensors (a state dict), got {type(obj).__name__}")
+        _check_state_dict(obj, path)
         return obj
     raise AntidoorError(f"checkpoint {str(path)!r}: unknown file type {path.suffix!r}; allowed: .safetensors, .pt, .pth")
+
+
+def _check_state_dict(obj: object, path: Path) -> None:
+    """A .pt file must hold a flat {name: tensor} dict; say which entry is not, and where a training checkpoint
+    ({"state_dict": {...}, "epoch": ...}) keeps its weights."""
+    if not isinstance(obj, dict):
+        raise AntidoorError(f"checkpoint {str(path)!r} must hold a dict of tensors (a state dict), got {type(obj).__name__}")
+    bad = next(((k, v) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is None:
+        return
+    nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())]
+    hint = (f"; its weights look nested under {nested[0]!r}: save that entry alone, "
+            f"torch.save(checkpoint[{nested[0]!r}], path)" if nested else "")
+    raise AntidoorError(f"checkpoint {str(path)!r} must hold a dict of tensors (a state dict); its entry {bad[0]!r} "
+                        f"is of type {type(bad[1]).__name__}{hint}")
 
 
 def _few(keys: list[str]) -> str:

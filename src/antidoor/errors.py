@@ -52,6 +52,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         loc = ".".join(clip(str(p), 40) for p in (prefix, *e["loc"]) if p != "")  # a key may be as hostile as a value
         if e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
+        elif e["type"] == "missing":  # pydantic's input here is the enclosing section, not a value of this key
+            parts.append(f"{loc}: required, not given")
         elif e["type"] == "value_error":  # our own AntidoorError from a validator: already a full sentence
             parts.append(clip(str(e["ctx"]["error"])))
         else:
