@@ -215,6 +215,9 @@ def test_study_config_errors_name_the_key(run_cli, tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
     line = run_cli("results", tmp_path / "nowhere").error_line()
     assert "no study store" in line
+    (tmp_path / "grid.log").write_text("a log, not a study")
+    line = run_cli("report", tmp_path / "grid.log", "--out", tmp_path / "report").error_line()
+    assert "grid.log' is a file; give a study folder" in line and not (tmp_path / "report").exists()
 
 
 def test_results_filter_matches_a_label_or_its_registered_name(tmp_path: Path) -> None:

@@ -441,6 +441,9 @@ def _study_store(folder: Path) -> Path:
     from antidoor.experiment import STORE_NAME
 
     path = folder / STORE_NAME if folder.is_dir() or folder.suffix != ".sqlite" else folder
+    if folder.is_file() and path != folder:
+        raise AntidoorError(f"{str(folder)!r} is a file; give a study folder (the `antidoor grid --out` folder, which "
+                            f"holds {STORE_NAME}) or its {STORE_NAME}")
     if not path.is_file():
         raise AntidoorError(f"no study store at {str(path)!r}; run `antidoor grid STUDY.yaml --out {folder}` first")
     return path
