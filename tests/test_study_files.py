@@ -202,7 +202,8 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a checkpoint they need is
     gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
     0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seeds 0
-    and 1 and Blended-digit seed 0."""
+    and 1 and Blended-digit seed 0; and Blended-digit seed 1's block, rebuilt on the AMD EPYC from 2026-12-07 up to
+    its PAM purification."""
     from collections import Counter
 
     from antidoor.experiment.stages import plan
@@ -213,9 +214,9 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
         done = {run["key"] for run in store.runs() if run["status"] == "done"}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # blocks left per defense: PAM Blended-digit seeds 1, 2; SAU BadNets seed 2 and Blended-digit seeds 1, 2
-    blocks = {"pam": 2, "sau": 3}
-    assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
+    # left: PAM on Blended-digit seed 2, and seed 1's PAM stress (its purification ran on 2026-12-07, in the rebuild of
+    # that block on the AMD EPYC); SAU on BadNets seed 2 and Blended-digit seeds 1, 2, with their stress
+    assert left == {("purify", "pam"): 1, ("stress", "pam"): 2, ("purify", "sau"): 3, ("stress", "sau"): 3}
 
 
 def test_no_stored_rho_auto_search_reached_the_fallback_rho_halvings_changes() -> None:
