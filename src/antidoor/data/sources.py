@@ -9,7 +9,6 @@ folder laid out as ``train/<class>/*`` and ``test/<class>/*``, or a torchvision 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import math
 import os
@@ -23,6 +22,7 @@ import torch
 
 from antidoor.data.dataset import ImageData
 from antidoor.errors import AntidoorError, clip
+from antidoor.utils import file_sha256
 from antidoor.validate import MAX_CLASSES, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, max_array_bytes, user_file
 
 BUNDLE = Path(__file__).parent / "bundled" / "cifar10_bundle.npz"
@@ -158,7 +158,7 @@ def load_npz(path: str | Path, name: str | None = None, default_hflip: bool = Tr
         x_train=_to_nchw(arrays["x_train"], f"{path} x_train"), y_train=y_train,
         x_test=_to_nchw(arrays["x_test"], f"{path} x_test"), y_test=y_test,
         classes=classes, hflip=default_hflip,
-        source={"kind": "npz", "path": str(path), "sha256": _sha256(path)},
+        source={"kind": "npz", "path": str(path), "sha256": file_sha256(path)},
     )
 
 
@@ -226,15 +226,7 @@ def _decoded_bundle(digest: str, cache_root: Path | None) -> tuple[np.ndarray, n
 @functools.cache
 def _bundle_digest() -> str:
     """The bundle ships inside the package and does not change while a process runs: hashed once."""
-    return _sha256(BUNDLE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(BUNDLE)
 
 
 def load_torchvision(name: str, root: Path, download: bool, image_size: int | None = None) -> ImageData:

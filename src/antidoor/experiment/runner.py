@@ -36,7 +36,7 @@ from antidoor.experiment.backends import Backend, check_backend, make_backend
 from antidoor.experiment.stages import MEASURES_UPSTREAM, STORE_NAME, Job, Stage, plan
 from antidoor.experiment.store import Store, config_key
 from antidoor.experiment.study import StudyConfig
-from antidoor.utils import info, warn
+from antidoor.utils import file_sha256, info, warn
 
 
 @dataclass
@@ -202,8 +202,6 @@ def _finished_stages(stages: list[Stage], status: dict[str, str], on_disk: set[s
 def _foreign_checkpoints(out: Path, stages: list[Stage], store: Store) -> list[Stage]:
     """The ``stages`` whose checkpoint on disk differs from the one the store recorded (bytes, then sha256).
     A stage whose record holds no digest (a store from before digests were kept) is trusted."""
-    import hashlib
-
     keys = {r["id"]: r["key"] for r in store.runs()}
     recorded = {(keys.get(a["run_id"]), a["path"]): a for a in store.artifacts()}
     foreign = []
@@ -215,11 +213,7 @@ def _foreign_checkpoints(out: Path, stages: list[Stage], store: Store) -> list[S
         if record["bytes"] is not None and path.stat().st_size != record["bytes"]:
             foreign.append(s)
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != record["sha256"]:
+        if file_sha256(path) != record["sha256"]:
             foreign.append(s)
     return foreign
 
@@ -231,14 +225,12 @@ def _check_trigger_files(study: StudyConfig, store: Store) -> dict[str, str]:
     """The sha256 of every file an attack entry names (a Blended ``pattern``, a patch ``image``), with those the store
     recorded before. A stage's key holds the file's path, not its content: an image edited in place would mix two
     triggers in one study, so a resumed study whose file changed is refused before anything is written."""
-    import hashlib
-
     known = store.get_meta(TRIGGER_FILES) or {}
     files = dict(known)
     for spec in study.attacks:
         for key, value in spec.items():
             if isinstance(value, str) and Path(value).is_file():
-                digest = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+                digest = file_sha256(value)
                 if known.get(value, digest) != digest:
                     raise AntidoorError(
                         f"attacks: {spec['name']}.{key} {value!r} changed since this study first used it (sha256 "
