@@ -185,13 +185,17 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
     assert ("| (3) | pam | p_asr ≤ EP's + 5.0 and cost ≤ 3.0 | s0: p_asr 1.2 vs EP 2.8, cost 2.2 ✓; "
             "s1: p_asr 1.5 vs EP 2.9, cost 2.8 ✓") in text  # 3 starts
-    # BadNets's PAM rows all at today's defaults (no "made under different settings" line); Blended-digit's seeds 1, 2
-    # still hold PAM from before the inversion's fix, and the findings say so; every BTI-DBF row ran after it
+    # BadNets's PAM rows all at today's defaults (no "made under different settings" line); Blended-digit's seed 2
+    # still holds PAM from before the inversion's fix, and the findings say so; every BTI-DBF row ran after it
     badnets = text.split("## blended on ")[0]
     assert "- pam: " not in badnets and "- pam `chosen.rho`: seed 0: 0.3; seed 1: 0.5; seed 2: 0.7" in badnets
-    assert "- pam: seed 0: bound_units: normalised, generator_epochs: 30" in text and "- bti-dbf: seeds" not in text
+    assert "- pam: seeds 0, 1: bound_units: normalised, generator_epochs: 30" in text and "- bti-dbf: seeds" not in text
     assert "- bti-dbf `chosen.detected_target`: seed 0: 5; seed 1: 0; seed 2: 0" in text
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
+    # Blended-digit counts all 3 seeds once seed 1's SAU and PAM landed (2026-12-07): SAU leaves half the blend
+    digit = text.split("## blended-digit on ")[1]
+    assert "Seeds not complete yet" not in digit
+    assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 50.2, cost 1.7 ✗; s1: asr 52.6, cost 1.4 ✗" in digit
 
 
 def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() -> None:
@@ -202,8 +206,7 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     benchmarks/regime_study.yaml --resume`` has left to run on the committed store (where a checkpoint they need is
     gone, the grid retrains it first; benchmarks/regime.md), but those rerun on 2026-12-06: BTI-DBF's of BadNets seeds
     0-2 and Blended-digit seeds 0-2, PAM's of BadNets seeds 0-2 and Blended-digit seed 0, SAU's of BadNets seeds 0
-    and 1 and Blended-digit seed 0; and Blended-digit seed 1's block, rebuilt on the AMD EPYC from 2026-12-07 up to
-    its PAM purification."""
+    and 1 and Blended-digit seed 0; and Blended-digit seed 1's block, rebuilt whole on the AMD EPYC on 2026-12-07."""
     from collections import Counter
 
     from antidoor.experiment.stages import plan
@@ -214,9 +217,9 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
         done = {run["key"] for run in store.runs() if run["status"] == "done"}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # left: PAM on Blended-digit seed 2, and seed 1's PAM stress (its purification ran on 2026-12-07, in the rebuild of
-    # that block on the AMD EPYC); SAU on BadNets seed 2 and Blended-digit seeds 1, 2, with their stress
-    assert left == {("purify", "pam"): 1, ("stress", "pam"): 2, ("purify", "sau"): 3, ("stress", "sau"): 3}
+    # left: PAM on Blended-digit seed 2 and SAU on BadNets seed 2 and Blended-digit seed 2, with their stress (the
+    # blocks the Intel Xeon built; Blended-digit seed 1's, rebuilt on the AMD EPYC, completed on 2026-12-07)
+    assert left == {("purify", "pam"): 1, ("stress", "pam"): 1, ("purify", "sau"): 2, ("stress", "sau"): 2}
 
 
 def test_no_stored_rho_auto_search_reached_the_fallback_rho_halvings_changes() -> None:
