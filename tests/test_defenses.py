@@ -103,6 +103,22 @@ def test_sau_is_deterministic_on_cpu(badnets_run, defender):
     assert _same_weights(a, b)
 
 
+def test_sau_keeps_batchnorm_statistics_frozen_unless_bn_train(badnets_run, defender):
+    # the official --train_mode: the unlearning forward uses batch statistics and moves the running ones
+    def stats(m):
+        return {k: v.clone() for k, v in m.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    before = stats(badnets_run.result.model)
+    assert before
+    frozen = purify(badnets_run.result.model, defender, "sau", seed=3, rounds=1, batch_size=40)
+    trained = purify(badnets_run.result.model, defender, "sau", seed=3, rounds=1, batch_size=40, bn_train=True)
+    assert all(torch.equal(before[k], v) for k, v in stats(frozen).items())
+    assert all(not torch.equal(before[k], v) for k, v in stats(trained).items())
+    assert not frozen.training and not trained.training  # handed back in eval mode either way
+    again = purify(badnets_run.result.model, defender, "sau", seed=3, rounds=1, batch_size=40, bn_train=True)
+    assert _same_weights(trained, again)
+
+
 def test_sau_perturbation_stays_within_bound(badnets_run, defender):
     model = __import__("copy").deepcopy(badnets_run.result.model).eval()
     model.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ Wei, Zhang, Zha & Wu, "Shared Adversarial Unlearning: Backdoor Mitigation by Unl
 Adversarial Examples", NeurIPS 2023.
 
 Two models: ``f`` (being purified, initialised from the backdoored model) and ``f_ref`` (the
-frozen backdoored model), both in eval mode (BatchNorm statistics frozen; BN affine parameters
+frozen backdoored model), both in eval mode (BatchNorm statistics frozen unless ``bn_train``; BN affine parameters
 still train). Each round visits every clean batch (x, y) once:
 
 1. Shared adversarial examples (maximisation). With y0 = argmax f(x), y0_ref = argmax f_ref(x)
@@ -32,7 +32,12 @@ still train). Each round visits every clean batch (x, y) once:
 Defaults (the paper and BackdoorBench's config): 5% clean data, batch 256, Adam (amsgrad) lr 1e-4,
 no weight decay, 100 rounds, L-inf bound 0.2 in [0, 1] pixel space, 5 PGD steps of size 0.2,
 init +bound, beta_1 0.01, beta_2 1, lambda_1 1, lambda_2 0, lambda_3 1, no augmentation of the
-clean set (the official code loads it with the test-time transform).
+clean set (the official code loads it with the test-time transform), BatchNorm frozen. ``bn_train`` is
+the official ``--train_mode`` (off there too, with the remark that frozen BatchNorm keeps clean accuracy
+higher and asr higher): the unlearning step's one forward of the clean and perturbed images runs
+BatchNorm in training mode, so its statistics are that batch's and the running ones move towards them;
+the maximisation stays in eval mode. ``benchmarks/regime.md`` shows why it matters: re-estimating
+BatchNorm on clean images brings back part of what SAU with frozen statistics removed.
 
 Deviations from the official code, and why:
 - Every setting reaches the algorithm: there is no learning-rate schedule (the official one is
@@ -91,6 +96,8 @@ class SAUParams(DefenseParams):
     lambda_2: float = Field(0.0, ge=0, description="adversarial cross-entropy (adversarial training)")
     lambda_3: float = Field(1.0, ge=0, description="shared adversarial unlearning")
     augment: bool = Field(False, description="crop/flip the clean batches (the official code does not)")
+    bn_train: bool = Field(False, description="BatchNorm in training mode for the unlearning step's forward (the official "
+                           "--train_mode): batch statistics of the clean and perturbed images, running statistics updated")
     amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
 
 
@@ -150,7 +157,7 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None
 
     ``logits`` = f(x), computed with autograd before step 1 (f has not changed since) and reused here;
     ``None`` computes it now, in one forward with x + delta (for steps that evaluate the loss at other
-    weights than the maximisation's, as ``sau-pam`` does).
+    weights than the maximisation's, as ``sau-pam`` does, or with BatchNorm in training mode, ``bn_train``).
     """
     n = len(x)
     x_adv = x + delta
@@ -159,7 +166,9 @@ def unlearning_loss(f: Classifier, f_ref: nn.Module, logits: torch.Tensor | None
         y_adv_ref = f_ref(x_adv).argmax(1)
     with amp:
         if logits is None:
+            f.train(p.bn_train)  # BatchNorm's batch statistics over the clean and perturbed images together
             logits, adv_logits = f(torch.cat([x, x_adv])).float().split(n)
+            f.eval()
         else:
             adv_logits = f(x_adv).float()
     potential = (y_adv_ref != y) & (y_adv_ref != y0_ref)
@@ -245,7 +254,7 @@ class SAU(Defense):
         with progress_bar(p.rounds * n_batches, self.name.upper(), "fewer defense.rounds shorten it") as advance:
             for r in range(p.rounds):
                 for x, y, idx in batches(data.x, data.y, p.batch_size, g, drop_last=False, augment=augment):
-                    if self.reuse_clean_logits:
+                    if self.reuse_clean_logits and not p.bn_train:  # bn_train: the clean loss needs batch statistics
                         with amp:
                             logits = f(x).float()  # kept with its graph for the unlearning step's clean loss
                         y0 = logits.detach().argmax(1)
