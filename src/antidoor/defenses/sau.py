@@ -64,7 +64,7 @@ takes step 2; ``sau-pam`` (:mod:`antidoor.defenses.saupam`) overrides both and s
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,10 @@ class SAUParams(DefenseParams):
     bn_train: bool = Field(False, description="BatchNorm in training mode for the unlearning step's forward (the official "
                            "--train_mode): batch statistics of the clean and perturbed images, running statistics updated")
     amp: bool = Field(True, description="bfloat16 autocast where the device runs it fast (antidoor.precision)")
+
+    # bn_train came after studies were stored; off, SAU runs exactly as before it, so it stays out of stage keys
+    # (experiment.stages.defense_key_spec) and stored SAU and sau-pam stages resume
+    KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"bn_train": False}
 
 
 def _init_delta(x: torch.Tensor, p: SAUParams, g: torch.Generator) -> torch.Tensor:
