@@ -217,9 +217,10 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     with Store(BENCHMARKS / "regime" / "study.sqlite", readonly=True) as store:
         done = {run["key"] for run in store.runs() if run["status"] == "done"}
     left = Counter((s.kind, s.labels["defense"]) for s in stages if s.key not in done)
-    # left: PAM on Blended-digit seed 2 and SAU on BadNets seed 2 and Blended-digit seed 2, with their stress (the
-    # blocks the Intel Xeon built; Blended-digit seed 1's, rebuilt on the AMD EPYC, completed on 2026-12-07)
-    assert left == {("purify", "pam"): 1, ("stress", "pam"): 1, ("purify", "sau"): 2, ("stress", "sau"): 2}
+    # blocks left per defense, each a purification and its stress: PAM Blended-digit seed 2; SAU BadNets seed 2 and
+    # Blended-digit seed 2 (the Intel Xeon's blocks; Blended-digit seed 1's, rebuilt on the AMD EPYC, completed 2026-12-07)
+    blocks = {"pam": 1, "sau": 2}
+    assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
 
 
 def test_no_stored_rho_auto_search_reached_the_fallback_rho_halvings_changes() -> None:
