@@ -21,6 +21,7 @@ the defender's validation data (``chosen.*``: PAM's rho).
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ ORDER = ["clean", "none", "ft", "ep", "fst", "sau", "bti-dbf", "pam"]
 MODEL_COLUMNS = [("clean_acc", "clean_acc"), ("clean_acc_drop", "cost (points)"), ("asr", "asr (o_asr)"),
                  ("p_asr", "p_asr"), ("qra_asr_purified", "qra_asr purified"), ("qra_asr_clean", "qra_asr clean"),
                  ("val_clean_acc", "val_clean_acc")]
+GROUP_COLUMNS = [("asr", "asr"), ("clean_acc_drop", "cost"), ("p_asr", "p_asr"), ("qra_asr_purified", "qra_asr")]
 
 
 def pct(v: float | None) -> str:
@@ -81,10 +83,10 @@ def findings(folder: Path) -> str:
         means = {label_name(a["defense"]): a for a in aggregate([r for s in listed for r in complete[s].values()])}
         for d in names:
             out.append(f"| {d} | {means[d]['n']} | " + " | ".join(mean_sd(means[d], c) for c, _ in MODEL_COLUMNS) + " |")
-        mixed = _mixed_settings(specs, (dataset, model, attack), names, listed)
+        mixed = _mixed_settings(specs, (dataset, model, attack), names, listed, complete)
         if mixed:
-            out += ["", "**Rows made under different settings** (a resumed study whose defaults changed, rerun in part):", "",
-                    *mixed]
+            out += ["", "**Rows made under different settings** (a resumed study whose defaults changed, rerun in part; "
+                    "each group of seeds with its own mean):", "", *mixed]
         out += ["", "| finding | model | criterion | per seed | holds |", "|---|---|---|---|---:|"]
         out += _finding_rows(complete, listed, {k[3]: v for k, v in verdicts.items() if k[:3] == (dataset, model, attack)})
         out += ["", *_path_table(curves, dataset, model, attack, listed, names), ""]
@@ -100,13 +102,24 @@ def findings(folder: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: list[str], seeds: list[int]) -> list[str]:
-    """One line per defense whose seeds ran under different parameters: the differing ones, per group of seeds."""
+def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: list[str], seeds: list[int],
+                    models: dict[int, dict[str, dict[str, Any]]]) -> list[str]:
+    """One line per defense whose seeds ran under different parameters: the differing ones, per group of seeds; then
+    each group's own mean of the finding's figures, so the rows at one setting can be read without the others."""
     lines = []
     for d in names:
-        text = differing_settings({s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None})
-        if text:
-            lines.append(f"- {d}: {text}")
+        per_seed = {s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None}
+        text = differing_settings(per_seed)
+        if not text:
+            continue
+        lines.append(f"- {d}: {text}")
+        groups: dict[str, list[int]] = defaultdict(list)
+        for s, spec in sorted(per_seed.items()):
+            groups[json.dumps(spec, sort_keys=True, default=str)].append(s)
+        for group in groups.values():
+            (mean,) = aggregate([models[s][d] for s in group])
+            figures = ", ".join(f"{title} {mean_sd(mean, c)}" for c, title in GROUP_COLUMNS if mean.get(c) is not None)
+            lines.append(f"  - seed{'s' if len(group) > 1 else ''} {', '.join(map(str, group))} (n = {len(group)}): {figures}")
     return lines
 
 

@@ -180,6 +180,9 @@ def test_findings_of_the_committed_regime_study() -> None:
     # SAU at its defaults on BadNets seed 1: the papers' superficial safety, by RA and by QRA
     assert "s1: superficial, p_asr 22.1 vs EP 2.9 ✓" in text and "s1: 29.6 vs clean 0.6 ✓" in text
     assert "- sau: seeds 0, 1: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128" in text
+    # each group of seeds under one setting gets its own mean: SAU's defaults on BadNets apart from seed 2's cut
+    assert "  - seeds 0, 1 (n = 2): asr 3.3 ± 0.5, cost 1.6 ± 0.0, p_asr 16.0 ± 8.7" in text
+    assert "  - seed 2 (n = 1): asr 3.9, cost 3.0, p_asr 7.7, qra_asr 8.7" in text
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
     assert "- pam `chosen.rho`: seed 0: 0.3" in text
