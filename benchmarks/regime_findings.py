@@ -21,14 +21,22 @@ the defender's validation data (``chosen.*``: PAM's rho).
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from antidoor.experiment.stages import STORE_NAME
 from antidoor.experiment.store import Store
-from antidoor.report.tables import aggregate, curve_rows, defense_specs, differing_settings, label_name, result_rows
+from antidoor.report.tables import (
+    aggregate,
+    curve_rows,
+    defense_specs,
+    differing_settings,
+    label_name,
+    result_rows,
+    seeds_label,
+    settings_groups,
+)
 from antidoor.report.verdicts import seed_verdicts
 
 SAU_ASR_MAX, COST_MAX, PAM_EP_GAP_MAX, QRA_GAP_MIN = 0.05, 0.03, 0.05, 0.10
@@ -113,13 +121,10 @@ def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: lis
         if not text:
             continue
         lines.append(f"- {d}: {text}")
-        groups: dict[str, list[int]] = defaultdict(list)
-        for s, spec in sorted(per_seed.items()):
-            groups[json.dumps(spec, sort_keys=True, default=str)].append(s)
-        for group in groups.values():
+        for group in settings_groups(per_seed).values():
             (mean,) = aggregate([models[s][d] for s in group])
             figures = ", ".join(f"{title} {mean_sd(mean, c)}" for c, title in GROUP_COLUMNS if mean.get(c) is not None)
-            lines.append(f"  - seed{'s' if len(group) > 1 else ''} {', '.join(map(str, group))} (n = {len(group)}): {figures}")
+            lines.append(f"  - {seeds_label(group)} (n = {len(group)}): {figures}")
     return lines
 
 

@@ -116,17 +116,26 @@ def curve_rows(store: Store) -> list[dict[str, Any]]:
     return out
 
 
+def settings_groups(specs: dict[int, dict[str, Any]]) -> dict[str, list[int]]:
+    """One defense's seeds grouped by the parameters on which they differ (``{"lr: 0.0001": [0, 1], "lr: 0.0005":
+    [2]}``), in seed order; empty when every seed ran the same ones."""
+    keys = sorted({k for spec in specs.values() for k in spec if len({json.dumps(v.get(k)) for v in specs.values()}) > 1})
+    groups: dict[str, list[int]] = defaultdict(list)
+    if keys:
+        for seed, spec in sorted(specs.items()):
+            groups[", ".join(f"{k}: {spec.get(k, '(not a parameter then)')}" for k in keys)].append(seed)
+    return dict(groups)
+
+
+def seeds_label(seeds: list[int]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def differing_settings(specs: dict[int, dict[str, Any]]) -> str | None:
     """The parameters on which one defense's seeds differ, per group of seeds (``"seeds 0, 1: lr: 0.0001; seed 2:
     lr: 0.0005"``), or None when every seed ran the same ones: the sign of a resumed study whose defaults changed."""
-    keys = sorted({k for spec in specs.values() for k in spec if len({json.dumps(v.get(k)) for v in specs.values()}) > 1})
-    if not keys:
-        return None
-    groups: dict[str, list[int]] = defaultdict(list)
-    for seed, spec in sorted(specs.items()):
-        groups[", ".join(f"{k}: {spec.get(k, '(not a parameter then)')}" for k in keys)].append(seed)
-    return "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {text}"
-                     for text, seeds in groups.items())
+    groups = settings_groups(specs)
+    return "; ".join(f"{seeds_label(seeds)}: {text}" for text, seeds in groups.items()) if groups else None
 
 
 def defense_specs(store: Store) -> dict[tuple, dict[str, Any]]:
