@@ -179,9 +179,11 @@ def test_findings_of_the_committed_regime_study() -> None:
     assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 2.9, cost 1.7 ✓; s1: asr 3.7, cost 1.6 ✓" in text  # defaults
     # SAU at its defaults on BadNets seed 1: the papers' superficial safety, by RA and by QRA
     assert "s1: superficial, p_asr 22.1 vs EP 2.9 ✓" in text and "s1: 29.6 vs clean 0.6 ✓" in text
-    assert "- sau: seeds 0, 1: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128" in text
+    # seed 3 (built on the AMD EPYC, 2026-12-07) completes BadNets' fourth seed: SAU at its defaults superficial again
+    assert "s3: superficial, p_asr 18.0 vs EP 3.7 ✓" in text and "s3: 13.0 vs clean 0.9 ✓" in text
+    assert "- sau: seeds 0, 1, 3: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128" in text
     # each group of seeds under one setting gets its own mean: SAU's defaults on BadNets apart from seed 2's cut
-    assert "  - seeds 0, 1 (n = 2): asr 3.3 ± 0.5, cost 1.6 ± 0.0, p_asr 16.0 ± 8.7" in text
+    assert "  - seeds 0, 1, 3 (n = 3): asr 3.5 ± 0.5, cost 1.8 ± 0.2, p_asr 16.6 ± 6.3" in text
     assert "  - seed 2 (n = 1): asr 3.9, cost 3.0, p_asr 7.7, qra_asr 8.7" in text
     assert "s0: inconclusive, p_asr 100.0 vs clean reference 99.7 ✗" in text  # Blended's SAU under the verdict rule
     assert "| (5) | ep | qra_asr purified − clean ≤ 10.0 | s0: 77.0 vs clean 0.5 ✗" in text
@@ -191,13 +193,16 @@ def test_findings_of_the_committed_regime_study() -> None:
     # BadNets's PAM rows all at today's defaults (no "made under different settings" line); Blended-digit's seed 2
     # still holds PAM from before the inversion's fix, and the findings say so; every BTI-DBF row ran after it
     badnets = text.split("## blended on ")[0]
-    assert "- pam: " not in badnets and "- pam `chosen.rho`: seed 0: 0.3; seed 1: 0.5; seed 2: 0.7" in badnets
+    assert "- pam: " not in badnets and "- pam `chosen.rho`: seed 0: 0.3; seed 1: 0.5; seed 2: 0.7; seed 3: 0.3" in badnets
+    assert "## badnets on runs/data/cifar10-20k.npz (whitened_cnn-w64); seeds 0, 1, 2, 3\n" in badnets
+    assert "Seeds not complete yet" not in badnets
     assert "- pam: seeds 0, 1: bound_units: normalised, generator_epochs: 30" in text and "- bti-dbf: seeds" not in text
-    assert "- bti-dbf `chosen.detected_target`: seed 0: 5; seed 1: 0; seed 2: 0" in text
+    assert "- bti-dbf `chosen.detected_target`: seed 0: 5; seed 1: 0; seed 2: 0; seed 3: 8" in text
     assert "| sau | 0.0 | 0.0 | 0.0 |" in text  # Blended's SAU along the path, BatchNorm re-estimated
     # Blended-digit counts all 3 seeds once seed 1's SAU and PAM landed (2026-12-07): SAU leaves half the blend
     digit = text.split("## blended-digit on ")[1]
-    assert "Seeds not complete yet" not in digit
+    # seed 3's Blended-digit block is begun (2026-12-07) but not whole: listed, not counted
+    assert "seeds 0, 1, 2\n\nSeeds not complete yet (not counted): 3.\n" in digit
     assert "| (1) | sau | asr ≤ 5.0 and cost ≤ 3.0 | s0: asr 50.2, cost 1.7 ✗; s1: asr 52.6, cost 1.4 ✗" in digit
 
 
@@ -224,15 +229,11 @@ def test_the_regime_store_resumes_exactly_the_stages_whose_settings_changed() ->
     # Blended-digit seed 2 (the Intel Xeon's blocks; Blended-digit seed 1's, rebuilt on the AMD EPYC, completed 2026-12-07)
     blocks = {"pam": 1, "sau": 2}
     assert left == {(kind, d): n for kind in ("purify", "stress") for d, n in blocks.items()}
-    # seed 3, built on the AMD EPYC since 2026-12-07 (clean model, BadNets with PAM, FT, EP, FST and BTI-DBF so far):
-    # BadNets' SAU left, and all of Blended-digit's block but the clean model they share
+    # seed 3, built on the AMD EPYC since 2026-12-07: BadNets' block complete; Blended-digit's has its backdoored model,
+    # the references' RA, FT and EP, and four defenses left
     seed_3 = {(s.kind, s.labels.get("attack"), s.labels.get("defense")) for s in stages
               if s.key not in done and s.labels["seed"] == 3}
-    defenses = ("ft", "ep", "fst", "sau", "bti-dbf", "pam")
-    assert seed_3 == ({("purify", "badnets", "sau"), ("stress", "badnets", "sau")}
-                      | {(kind, "blended-digit", d) for kind in ("purify", "stress") for d in defenses}
-                      | {("attack", "blended-digit", None), ("stress", "blended-digit", "none"),
-                         ("stress", "blended-digit", "clean")})
+    assert seed_3 == {(kind, "blended-digit", d) for kind in ("purify", "stress") for d in ("fst", "sau", "bti-dbf", "pam")}
 
 
 def test_no_stored_rho_auto_search_reached_the_fallback_rho_halvings_changes() -> None:
@@ -271,7 +272,7 @@ def test_differing_settings_groups_seeds_by_the_parameters_they_differ_on() -> N
 
 
 def test_a_mean_over_seeds_purified_under_different_settings_says_so(run_cli) -> None:
-    """The committed regime store's SAU on BadNets ran at its defaults on seeds 0 and 1 and at the study's former cut
+    """The committed regime store's SAU on BadNets ran at its defaults on seeds 0, 1 and 3 and at the study's former cut
     on seed 2 (a resumed study whose defaults changed): ``results --mean`` notes that on stderr, keeping csv parseable,
     and the report lists it; defenses whose seeds agree (PAM on BadNets) and per-seed rows get no note."""
     import csv
@@ -280,7 +281,7 @@ def test_a_mean_over_seeds_purified_under_different_settings_says_so(run_cli) ->
     from antidoor.experiment.store import Store
     from antidoor.report.document import build_report
 
-    mixed = "seeds 0, 1: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128, lr: 0.0005, rounds: 10"
+    mixed = "seeds 0, 1, 3: batch_size: 256, lr: 0.0001, rounds: 100; seed 2: batch_size: 128, lr: 0.0005, rounds: 10"
     res = run_cli("results", BENCHMARKS / "regime", "--mean", "--attack", "badnets", "--format", "csv")
     assert res.returncode == 0, res.stderr
     assert f"note: the mean of sau on badnets (whitened_cnn-w64, runs/data/cifar10-20k.npz) mixes settings: {mixed}" in res.stderr
@@ -316,4 +317,4 @@ def test_mixed_settings_reads_a_defense_this_install_does_not_register(tmp_path)
     with Store(db, readonly=True) as store:
         mixed = mixed_settings(store)
     assert not any(key[2] == "badnets" and key[3] == "ft" for key in mixed)  # its seeds agree: no note, no error
-    assert "seeds 0, 1: batch_size: 256" in mixed[("runs/data/cifar10-20k.npz", "whitened_cnn-w64", "badnets", "sau")]
+    assert "seeds 0, 1, 3: batch_size: 256" in mixed[("runs/data/cifar10-20k.npz", "whitened_cnn-w64", "badnets", "sau")]
