@@ -31,7 +31,7 @@ from antidoor.report.tables import (
     aggregate,
     curve_rows,
     defense_specs,
-    differing_settings,
+    groups_text,
     label_name,
     result_rows,
     seeds_label,
@@ -117,11 +117,11 @@ def _mixed_settings(specs: dict[tuple, dict[str, Any]], block: tuple, names: lis
     lines = []
     for d in names:
         per_seed = {s: spec for s in seeds if (spec := specs.get((*block, d, s))) is not None}
-        text = differing_settings(per_seed)
-        if not text:
+        groups = settings_groups(per_seed)
+        if not groups:
             continue
-        lines.append(f"- {d}: {text}")
-        for group in settings_groups(per_seed).values():
+        lines.append(f"- {d}: {groups_text(groups)}")
+        for group in groups.values():
             (mean,) = aggregate([models[s][d] for s in group])
             figures = ", ".join(f"{title} {mean_sd(mean, c)}" for c, title in GROUP_COLUMNS if mean.get(c) is not None)
             lines.append(f"  - {seeds_label(group)} (n = {len(group)}): {figures}")

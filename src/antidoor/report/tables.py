@@ -131,11 +131,16 @@ def seeds_label(seeds: list[int]) -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
+def groups_text(groups: dict[str, list[int]]) -> str:
+    """:func:`settings_groups` as one line: ``"seeds 0, 1: lr: 0.0001; seed 2: lr: 0.0005"``."""
+    return "; ".join(f"{seeds_label(seeds)}: {text}" for text, seeds in groups.items())
+
+
 def differing_settings(specs: dict[int, dict[str, Any]]) -> str | None:
     """The parameters on which one defense's seeds differ, per group of seeds (``"seeds 0, 1: lr: 0.0001; seed 2:
     lr: 0.0005"``), or None when every seed ran the same ones: the sign of a resumed study whose defaults changed."""
     groups = settings_groups(specs)
-    return "; ".join(f"{seeds_label(seeds)}: {text}" for text, seeds in groups.items()) if groups else None
+    return groups_text(groups) if groups else None
 
 
 def defense_specs(store: Store) -> dict[tuple, dict[str, Any]]:
