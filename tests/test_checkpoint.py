@@ -50,7 +50,8 @@ def test_round_trip_predictions_attack_and_splits(badnets_run: object, saved_run
     assert meta["arch"] == {"name": "small_cnn", "num_classes": 10, "in_channels": 3, "kwargs": {"width": E2E_RECIPE["width"]}}
     assert meta["metrics"] == res.metrics and meta["seed"] == 0 and meta["classes"] == data.classes
     assert meta["mean"] == pytest.approx(list(data.mean)) and meta["dataset"]["image_shape"] == [3, 32, 32]
-    assert {"antidoor", "torch", "torchvision", "python", "cpu"} <= set(meta["versions"])
+    assert {"antidoor", "torch", "torchvision", "python", "cpu", "cpu_bf16"} <= set(meta["versions"])
+    assert meta["versions"]["cpu_bf16"] in ("amx", "avx512_bf16", "none")
     assert ckpt.extra == {}
 
 

@@ -522,10 +522,12 @@ def test_a_resume_says_when_the_stages_to_rerun_were_recorded_on_another_cpu(inl
     from antidoor.checkpoint import cpu_name
     from antidoor.experiment import backends
     from antidoor.experiment.runner import STOP_NAME
+    from antidoor.precision import cpu_bf16_kernels
 
     folder = moved_study(inline_study, tmp_path / "cpu")
     with Store(folder / STORE_NAME) as store:
-        assert {json.loads(r["versions"])["cpu"] for r in store.runs()} == {cpu_name()}
+        recorded = [json.loads(r["versions"]) for r in store.runs()]
+        assert {(v["cpu"], v["cpu_bf16"]) for v in recorded} == {(cpu_name(), cpu_bf16_kernels())}
     real = backends.execute
 
     def stop_after_first(job):
@@ -540,7 +542,21 @@ def test_a_resume_says_when_the_stages_to_rerun_were_recorded_on_another_cpu(inl
         db.execute("UPDATE runs SET versions = json_set(versions, '$.cpu', 'Another CPU 9000') WHERE stage = 'attack'")
     run_grid(extended, folder, resume=True)
     err = " ".join(capsys.readouterr().err.split())
-    assert "1 stage(s) to run again (attack " in err and "(Another CPU 9000; this one: " in err
+    assert "1 stage(s) to run again (attack " in err and "(Another CPU 9000, bf16 kernels: " in err
+    # the same model name is not the same kind of CPU: one AMD EPYC has AVX512-BF16, another trains in float32
+    other = "none" if cpu_bf16_kernels() != "none" else "avx512_bf16"
+    folder = moved_study(inline_study, tmp_path / "bf16")
+    with sqlite3.connect(folder / STORE_NAME) as db:
+        db.execute(f"UPDATE runs SET versions = json_set(versions, '$.cpu_bf16', '{other}') WHERE stage = 'attack'")
+    run_grid(extended, folder, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"({cpu_name()}, bf16 kernels: {other}; this one: {cpu_name()}, bf16 kernels: {cpu_bf16_kernels()})" in err
+    # a record from before the kernels were recorded compares by name alone
+    folder = moved_study(inline_study, tmp_path / "unrecorded")
+    with sqlite3.connect(folder / STORE_NAME) as db:
+        db.execute("UPDATE runs SET versions = json_remove(versions, '$.cpu_bf16') WHERE stage = 'attack'")
+    run_grid(extended, folder, resume=True)
+    assert "another CPU" not in capsys.readouterr().err
 
 
 def test_a_narrowed_resume_marks_the_blocks_unplanned_stages_stale_too(inline_study: Path, tmp_path: Path) -> None:

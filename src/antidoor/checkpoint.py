@@ -26,6 +26,7 @@ from antidoor.attacks.base import Attack, create_attack
 from antidoor.data.splits import Splits, check_split_tensors
 from antidoor.errors import AntidoorError, clip, excerpt
 from antidoor.models.registry import Classifier, build_model
+from antidoor.precision import cpu_bf16_kernels
 from antidoor.utils import atomic_write_bytes, atomic_write_json
 from antidoor.validate import MAX_SIDECAR_BYTES, check_image_shape, check_num_classes, read_user_text, user_file
 
@@ -38,13 +39,15 @@ def versions() -> dict[str, str]:
     from antidoor import __version__
 
     return {"antidoor": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "cpu": cpu_name()}
+            "python": platform.python_version(), "cpu": cpu_name(), "cpu_bf16": cpu_bf16_kernels()}
 
 
 @functools.cache  # read once: every checkpoint saved records it
 def cpu_name() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo, else the platform's word for it): bf16 kernels differ between CPUs,
-    so a model retrained on another one does not come back bit for bit, and a resumed study says so."""
+    so a model retrained on another one does not come back bit for bit, and a resumed study says so. The name alone
+    does not tell two generations apart; ``versions()`` records the bf16 kernels beside it
+    (:func:`antidoor.precision.cpu_bf16_kernels`)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

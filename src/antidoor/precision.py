@@ -32,10 +32,19 @@ def amp_switched_off() -> bool:
 
 
 @functools.cache
+def cpu_bf16_kernels() -> str:
+    """The CPU's native bf16 arithmetic: ``"amx"`` (AMX tiles), ``"avx512_bf16"`` or ``"none"`` (bf16 would be
+    emulated, so :func:`autocast` runs float32). Two CPUs with the same model name can differ here (an AMD EPYC
+    of one generation has AVX512-BF16, of another only AVX2), and with it the kernels a seeded run uses."""
+    for kernels, probe in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        if bool(getattr(torch.cpu, probe, lambda: False)()):
+            return kernels
+    return "none"
+
+
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bf16 arithmetic (AMX tiles or AVX512-BF16), where oneDNN runs bf16 fast."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return cpu_bf16_kernels() != "none"
 
 
 @functools.cache

@@ -156,7 +156,7 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     summary = GridSummary(len(stages), len(finished))
     pending = [s for s in stages if s.key not in finished]
     here = versions()
-    _warn_other_cpu([s for s in pending if status.get(s.key) in ("done", "running")], store, here.get("cpu"))
+    _warn_other_cpu([s for s in pending if status.get(s.key) in ("done", "running")], store, here)
     info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
          f"({backend} backend)")
     if not pending:
@@ -240,21 +240,36 @@ def _check_trigger_files(study: StudyConfig, store: Store) -> dict[str, str]:
     return files
 
 
-def _warn_other_cpu(reruns: list[Stage], store: Store, cpu: str | None) -> None:
+def cpu_kind(versions: dict[str, Any]) -> str:
+    """A run's CPU as a resumed study compares it: the model name and, where recorded, its bf16 kernels."""
+    cpu = versions.get("cpu") or "unknown CPU"
+    return f"{cpu}, bf16 kernels: {versions['cpu_bf16']}" if versions.get("cpu_bf16") else cpu
+
+
+def _same_cpu(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
+    """Records from before the bf16 kernels were recorded (2026-12-07) compare by name alone."""
+    if not recorded.get("cpu") or not here.get("cpu"):
+        return True  # nothing to compare against
+    both = [k for k in ("cpu", "cpu_bf16") if recorded.get(k) and here.get(k)]
+    return all(recorded[k] == here[k] for k in both)
+
+
+def _warn_other_cpu(reruns: list[Stage], store: Store, here: dict[str, Any]) -> None:
     """Say before the first stage when a stage to run again was recorded on another CPU: its retrained checkpoint
-    will likely not reproduce (bf16 kernels differ), and its open block would then run again whole."""
+    will likely not reproduce (bf16 kernels differ, or this CPU has none and trains in float32), and its open block
+    would then run again whole."""
     keys = {s.key for s in reruns}
     others: dict[str, list[str]] = {}
     for r in store.runs():
         if r["key"] in keys:
-            recorded = json.loads(r["versions"] or "{}").get("cpu")
-            if recorded and cpu and recorded != cpu:
-                others.setdefault(recorded, []).append(r["key"])
-    for recorded, ks in others.items():
+            recorded = json.loads(r["versions"] or "{}")
+            if not _same_cpu(recorded, here):
+                others.setdefault(cpu_kind(recorded), []).append(r["key"])
+    for recorded_kind, ks in others.items():
         names = ", ".join(s.describe() for s in reruns if s.key in ks)
-        warn(f"{len(ks)} stage(s) to run again ({names}) were recorded on another CPU ({recorded}; this one: {cpu}): "
-             "retrained here they will likely not reproduce their recorded results, and the finished stages of their "
-             "open blocks would then run again too. Resume on that CPU to keep them")
+        warn(f"{len(ks)} stage(s) to run again ({names}) were recorded on another CPU ({recorded_kind}; this one: "
+             f"{cpu_kind(here)}): retrained here they will likely not reproduce their recorded results, and the "
+             "finished stages of their open blocks would then run again too. Resume on that kind of CPU to keep them")
 
 
 RESULT_METRICS = ("clean_acc", "asr", "robust_acc")  # what a stage run again must reproduce for its consumers to stand
