@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from antidoor.data import ImageData, load_dataset
+from antidoor.utils import keep_freed_memory
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
@@ -33,6 +34,7 @@ SHARED_DATA = REPO_DIR.parent / "shared" / "data"
 # pytest-xdist worker per core, each with its own copy of the session fixtures below.
 THREADS = int(os.environ.get("OMP_NUM_THREADS", "1"))
 torch.set_num_threads(THREADS)
+keep_freed_memory()  # as the CLI and every grid job do
 
 # The session's trained BadNets model (see ``badnets_run``), measured before choosing thresholds:
 # over seeds 0-11 this recipe gives asr 0.947-0.988, clean_acc 0.31-0.35, and sends 9-26% of clean

@@ -8,9 +8,9 @@ training run: EP already plays the part of a model whose backdoor is really gone
 Writes checkpoints, ``results.json`` and ``results.md`` to ``--out``. The demo's small settings (the
 ``fast`` recipe's ``whitened_cnn`` at width 32, batch 256, lr 0.2, 12 epochs; SAU 10 rounds of batch
 100 at lr 2e-4, chosen on the defender's validation data; EP 5 epochs; RA with 2 seeds and no
-per-epoch curves) are chosen for speed (165 s on a 2-core AMD EPYC: README, "The demo"); the API and
-the other commands keep the methods' full defaults (RA: 3 seeds; `antidoor stress` adds QRA and the
-backdoor-connected path).
+per-epoch curves) are chosen for speed (165 s on a 2-core AMD EPYC with AVX512-BF16, 425 s in float32
+on one without: README, "The demo"); the API and the other commands keep the methods' full defaults
+(RA: 3 seeds; `antidoor stress` adds QRA and the backdoor-connected path).
 """
 
 from __future__ import annotations

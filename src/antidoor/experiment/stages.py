@@ -354,6 +354,7 @@ def execute(job: Job) -> dict[str, Any]:
 
     from antidoor import utils
 
+    utils.keep_freed_memory()  # once per process: a worker's steps reuse their blocks instead of faulting in new pages
     quiet, threads = utils._quiet, torch.get_num_threads()
     utils.set_quiet(True)  # a job prints nothing but its heartbeats; the driver reports each finished stage
     utils.set_beat_label(None if quiet else job.stage.describe())
