@@ -6,6 +6,7 @@ The scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.pat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -43,3 +44,25 @@ def with_cpu_share(fn: Callable[[], Any]) -> tuple[Any, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
     return out, (time.process_time() - c0) / ((time.perf_counter() - t0) * torch.get_num_threads())
+
+
+def bare_training_step(name: str, width: int, batch: int,
+                       precision: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
+    """One bare CPU training step of a registered model on one seeded synthetic batch (only speed is measured):
+    forward and cross-entropy under ``precision()``, backward, SGD step; channels_last, as antidoor trains."""
+    from antidoor.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, width=width).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        with precision():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step

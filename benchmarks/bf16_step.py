@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name, with_cpu_share
-from antidoor.models import build_model
+from _common import bare_training_step, device_name, with_cpu_share
 from antidoor.precision import cpu_has_fast_bf16
 
 # (model, width, batch): the demo's model, the fast preset's, the paper preset's family at a CPU width
@@ -30,19 +29,7 @@ CASES = [("whitened_cnn", 32, 256), ("whitened_cnn", 64, 512), ("preact_resnet18
 
 
 def step_ms(name: str, width: int, batch: int, bf16: bool, steps: int, warmup: int) -> float:
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, width=width).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = bare_training_step(name, width, batch, lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
     for _ in range(warmup):
         step()
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name
+from _common import bare_training_step, device_name
 
 # (model, width, batch): the demo's model, the fast preset's (the regime study's), the paper preset's family
 CASES = [("whitened_cnn", 32, 256), ("whitened_cnn", 64, 512), ("preact_resnet18", 16, 128)]
@@ -38,25 +38,11 @@ def child(mode: str, name: str, width: int, batch: int, steps: int, warmup: int)
     """One round in this (fresh) process: ms/step, minor page faults/step, peak RSS, CPU share."""
     import resource
 
-    from antidoor.models import build_model
     from antidoor.precision import autocast
     from antidoor.utils import keep_freed_memory
 
     took = keep_freed_memory() if mode == "keep" else False
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, width=width).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-    device = torch.device("cpu")
-
-    def step() -> None:
-        with autocast(device):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = bare_training_step(name, width, batch, lambda: autocast(torch.device("cpu")))
     for _ in range(warmup):
         step()
     usage = resource.getrusage(resource.RUSAGE_SELF)
