@@ -240,10 +240,11 @@ def _check_trigger_files(study: StudyConfig, store: Store) -> dict[str, str]:
     return files
 
 
-def cpu_kind(versions: dict[str, Any]) -> str:
-    """A run's CPU as a resumed study compares it: the model name and, where recorded, its bf16 kernels."""
-    cpu = versions.get("cpu") or "unknown CPU"
-    return f"{cpu}, bf16 kernels: {versions['cpu_bf16']}" if versions.get("cpu_bf16") else cpu
+def cpu_kind(recorded: dict[str, Any]) -> str:
+    """A run's CPU (its ``versions`` record) as a resumed study compares it: the model name and, where recorded,
+    its bf16 kernels."""
+    cpu = recorded.get("cpu") or "unknown CPU"
+    return f"{cpu}, bf16 kernels: {recorded['cpu_bf16']}" if recorded.get("cpu_bf16") else cpu
 
 
 def _same_cpu(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
