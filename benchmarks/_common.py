@@ -6,11 +6,13 @@ The scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.pat
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,3 +68,12 @@ def bare_training_step(name: str, width: int, batch: int,
         opt.step()
 
     return step
+
+
+def add_round_args(parser: argparse.ArgumentParser, rounds_of: str) -> None:
+    """The options of a benchmark that times rounds of bare training steps (``rounds_of``: what alternates)."""
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each round")
+    parser.add_argument("--repeats", type=int, default=3, help=f"rounds of each {rounds_of}, alternating")
+    parser.add_argument("--min-cpu-share", type=float, default=0.9)
+    parser.add_argument("--out", type=Path, default=None)

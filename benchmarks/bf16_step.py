@@ -17,11 +17,10 @@ import functools
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from _common import bare_training_step, device_name, with_cpu_share
+from _common import add_round_args, bare_training_step, device_name, with_cpu_share
 from antidoor.precision import cpu_has_fast_bf16
 
 # (model, width, batch): the demo's model, the fast preset's, the paper preset's family at a CPU width
@@ -40,11 +39,7 @@ def step_ms(name: str, width: int, batch: int, bf16: bool, steps: int, warmup: i
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each round")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of each precision, interleaved")
-    p.add_argument("--min-cpu-share", type=float, default=0.9)
-    p.add_argument("--out", type=Path, default=None)
+    add_round_args(p, "precision")
     args = p.parse_args()
     results = []
     for name, width, batch in CASES:

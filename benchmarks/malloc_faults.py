@@ -23,11 +23,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from _common import bare_training_step, device_name
+from _common import add_round_args, bare_training_step, device_name
 
 # (model, width, batch): the demo's model, the fast preset's (the regime study's), the paper preset's family
 CASES = [("whitened_cnn", 32, 256), ("whitened_cnn", 64, 512), ("preact_resnet18", 16, 128)]
@@ -66,11 +65,7 @@ def run_round(mode: str, case: tuple[str, int, int], steps: int, warmup: int) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each round")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of each mode, alternating")
-    p.add_argument("--min-cpu-share", type=float, default=0.9)
-    p.add_argument("--out", type=Path, default=None)
+    add_round_args(p, "mode")
     p.add_argument("--child", nargs=6, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
