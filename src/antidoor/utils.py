@@ -78,9 +78,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc hands each block above its mmap threshold (at most 32 MiB) to the kernel on ``free`` and maps
     fresh zeroed pages for the next one, so a CPU training step whose activations are that large (whitened_cnn,
-    batch 256: 33.5 MB) takes tens of thousands of page faults every step: 18-27% of a float32 step on a 2-core
-    AMD EPYC (``benchmarks/malloc_faults.py``). With mmap off and the heap never trimmed below 2 GiB of free memory,
-    the same blocks are reused and the faults are gone; the price is that the process keeps its peak memory.
+    batch 256: 33.5 MB) takes tens of thousands of page faults every step: 12% of the demo model's float32 step and
+    37% of the ``fast`` preset's on a 2-core AMD EPYC without AVX512 (``benchmarks/malloc_faults.py``). With mmap
+    off and the heap never trimmed below 2 GiB of free memory, the same blocks are reused and the faults are gone;
+    the price is that the process keeps its peak memory.
     Called by the CLI and every grid job; API users call it once, early. Linux with glibc only (elsewhere, or with
     ``ANTIDOOR_MALLOC=default`` in the environment, nothing changes). Returns whether the settings took.
     """
