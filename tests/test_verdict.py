@@ -45,6 +45,29 @@ def test_rule_names_each_verdict():
     assert "ft: superficial." in v["ft"].sentence() and "95% bootstrap" in v["ft"].sentence()
 
 
+def test_the_bootstrap_draw_is_made_once_per_split_and_changes_no_number():
+    """A study's findings and report judge every seed on the same test split: the image weights are drawn once,
+    and each verdict is the one a fresh generator gives (the cached draw hands on the generator's state too)."""
+    from antidoor.stress import verdict
+
+    models = {"sau": _model("purified", 0.05, [0.30, 0.26]), "ep": _model("oracle reference (EP)", 0.03, [0.06, 0.05]),
+              "clean": _model("clean reference", 0.02, [0.03, 0.04])}
+    verdict._image_weights_and_state.cache_clear()
+    first = judge(models)["sau"].to_dict()
+    again = judge(models)["sau"].to_dict()
+    assert verdict._image_weights_and_state.cache_info().hits == 1
+    verdict._image_weights_and_state.cache_clear()
+    assert first == again == judge(models)["sau"].to_dict()
+    # the cached weights are the draw of a fresh default_rng(seed), and the replicates go on from where it stopped
+    w, rng = verdict._image_weights(0, 400, 2000)
+    fresh = np.random.default_rng(0)
+    assert np.array_equal(w, fresh.multinomial(400, np.full(400, 1 / 400), size=2000).astype(np.float32) / 400)
+    assert rng.integers(1 << 30) == fresh.integers(1 << 30)
+    assert not w.flags.writeable
+    other = judge(models, VerdictConfig(seed=1))["sau"]
+    assert other.p_asr == first["p_asr"] and other.p_asr_ci != first["p_asr_ci"]  # another seed, another draw
+
+
 def test_ra_that_implants_the_trigger_in_the_clean_model_gives_inconclusive():
     """Blended in the regime study: RA takes the clean reference to 99.7%, so a purified model at p_asr 100%
     is neither shown superficial nor deep; a model whose backdoor was never removed is still not purified."""
