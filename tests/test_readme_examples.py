@@ -34,6 +34,8 @@ TINY_SET = {
     "stress": ["ra.seeds=[0]", "ra.epochs=1", "qra.epochs=1", "qra.n_clean=50", "qra.n_poison=50", "path.points=2",
                "ep_params={epochs: 1}"],
     "grid": [],
+    # the imported torchvision ResNet-18s run at full width: 200 test images instead of cifar10-mini's 1,000
+    "import": ["data.name=cifar10-mini-200.npz"],
 }
 TINY_DEFENSE = {
     "sau": ["defense.rounds=1"],
@@ -87,6 +89,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = load_dataset("cifar10-mini")
     write_npz(d / "cifar10-20k.npz", data.x_train[:3000], data.y_train[:3000], data.x_test[:300], data.y_test[:300],
               data.classes)
+    # cifar10-mini with the first 200 of its test images: the same training images, so poisoned.txt's indices hold
+    write_npz(d / "cifar10-mini-200.npz", data.x_train, data.y_train, data.x_test[:200], data.y_test[:200], data.classes)
     gray = data.x_train.float().mean(1, keepdim=True).round().to(torch.uint8)  # a one-channel stand-in for MNIST
     gray_test = data.x_test.float().mean(1, keepdim=True).round().to(torch.uint8)
     write_npz(d / "mnist.npz", gray[:1000], data.y_train[:1000], gray_test[:300], data.y_test[:300], data.classes)
@@ -137,10 +141,10 @@ def test_the_readme_python_examples_run_at_tiny_scale(tmp_path: Path, monkeypatc
     namespace: dict = {}
     for block in code_blocks("python"):
         code = block.replace('"train.epochs=20"', '"train.epochs=1"').replace("rounds=20", "rounds=1")
-        code = code.replace("seeds=[0, 1, 2]", "seeds=[0]").replace("points=21", "points=2")
+        code = code.replace("seeds=[0, 1, 2]", "seeds=[0], epochs=1").replace("points=21", "points=2")
         code = code.replace("clean_model, sc)", "clean_model, sc, config=TINY_STRESS)")
         # one epoch of training leaves the backdoor too weak for the guardrails, which would (rightly) refuse it
         namespace["TINY_STRESS"] = StressConfig(ra={"epochs": 1, "seeds": [0]}, qra=None, path={"points": 2},
-                                                guards={"enforce": False})
+                                                guards={"enforce": False}, ep_params={"epochs": 1})
         exec(compile(code, str(README), "exec"), namespace)  # the README's own examples
     assert "purified" in namespace and "report" in namespace
