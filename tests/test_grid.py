@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -551,12 +552,35 @@ def test_a_resume_says_when_the_stages_to_rerun_were_recorded_on_another_cpu(inl
     run_grid(extended, folder, resume=True)
     err = " ".join(capsys.readouterr().err.split())
     assert f"({cpu_name()}, bf16 kernels: {other}; this one: {cpu_name()}, bf16 kernels: {cpu_bf16_kernels()})" in err
-    # a record from before the kernels were recorded compares by name alone
-    folder = moved_study(inline_study, tmp_path / "unrecorded")
-    with sqlite3.connect(folder / STORE_NAME) as db:
-        db.execute("UPDATE runs SET versions = json_remove(versions, '$.cpu_bf16') WHERE stage = 'attack'")
-    run_grid(extended, folder, resume=True)
-    assert "another CPU" not in capsys.readouterr().err
+    # a record from before the kernels were recorded compares by name; where this CPU trains in float32 it cannot
+    # tell whether that run was bf16, and says so (the committed regime store's AMD EPYC rows are such records)
+    import antidoor.checkpoint
+
+    real_versions = antidoor.checkpoint.versions
+    for kernels in ("avx512_bf16", "none"):
+        monkeypatch.setattr(antidoor.checkpoint, "versions", lambda k=kernels: {**real_versions(), "cpu_bf16": k})
+        folder = moved_study(inline_study, tmp_path / f"unrecorded-{kernels}")
+        with sqlite3.connect(folder / STORE_NAME) as db:
+            db.execute("UPDATE runs SET versions = json_remove(versions, '$.cpu_bf16')")
+        run_grid(extended, folder, resume=True)
+        err = " ".join(capsys.readouterr().err.split())
+        assert "another CPU" not in err
+        said = re.search(r"2 stage\(s\) to run again \(clean \S+ seed 0, attack \S+ seed 0\) were recorded on a CPU named "
+                         + re.escape(repr(cpu_name())) + " before antidoor noted a CPU's bf16 kernels", err)
+        assert (said is not None and "this one has none (it trains in float32)" in err) == (kernels == "none"), err
+
+
+def test_cpu_difference_compares_what_both_records_hold() -> None:
+    from antidoor.experiment.runner import cpu_difference
+
+    amd, bf16, none = {"cpu": "AMD EPYC"}, {"cpu_bf16": "avx512_bf16"}, {"cpu_bf16": "none"}
+    assert cpu_difference({**amd, **bf16}, {**amd, **bf16}) == "same"
+    assert cpu_difference({**amd, **bf16}, {**amd, **none}) == "other"
+    assert cpu_difference({"cpu": "Intel Xeon", **bf16}, {**amd, **bf16}) == "other"
+    assert cpu_difference(amd, {**amd, **bf16}) == "same"  # an old record on a bf16 host: nothing says otherwise
+    assert cpu_difference(amd, {**amd, **none}) == "unknown"  # an old record on a float32 host: bf16 or not?
+    assert cpu_difference({"cpu": "Intel Xeon"}, {**amd, **none}) == "other"
+    assert cpu_difference({}, {}) == "same"
 
 
 def test_a_narrowed_resume_marks_the_blocks_unplanned_stages_stale_too(inline_study: Path, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.markup import escape
 
@@ -156,7 +156,8 @@ def _run(study: StudyConfig, out: Path, stages: list[Stage], runner: Backend, st
     summary = GridSummary(len(stages), len(finished))
     pending = [s for s in stages if s.key not in finished]
     here = versions()
-    _warn_other_cpu([s for s in pending if status.get(s.key) in ("done", "running")], store, here)
+    _warn_other_cpu([s for s in pending if status.get(s.key) in ("done", "running")], store, here,
+                    on_cpu=_runs_on_cpu(study.device))
     info(f"study {study.name!r}: {len(stages)} stages, {len(finished)} already done, {len(pending)} to run "
          f"({backend} backend)")
     if not pending:
@@ -247,29 +248,53 @@ def cpu_kind(recorded: dict[str, Any]) -> str:
     return f"{cpu}, bf16 kernels: {recorded['cpu_bf16']}" if recorded.get("cpu_bf16") else cpu
 
 
-def _same_cpu(recorded: dict[str, Any], here: dict[str, Any]) -> bool:
-    """Compares what both records hold: records from before the bf16 kernels were recorded (2026-12-07) compare by
-    name alone, and two records with nothing in common count as the same CPU (nothing to compare against)."""
+def cpu_difference(recorded: dict[str, Any], here: dict[str, Any]) -> Literal["same", "other", "unknown"]:
+    """``"other"`` when the two records name different CPUs or different bf16 kernels (comparing what both hold),
+    ``"unknown"`` when the recorded one predates the kernels' record (2026-12-07) and this CPU has none: that run
+    trained in bf16 if its CPU had AMX or AVX512-BF16 (an AMD EPYC of one generation does, of another not), which
+    its record cannot tell; else ``"same"``."""
     both = [k for k in ("cpu", "cpu_bf16") if recorded.get(k) and here.get(k)]
-    return all(recorded[k] == here[k] for k in both)
+    if any(recorded[k] != here[k] for k in both):
+        return "other"
+    return "unknown" if not recorded.get("cpu_bf16") and here.get("cpu_bf16") == "none" else "same"
 
 
-def _warn_other_cpu(reruns: list[Stage], store: Store, here: dict[str, Any]) -> None:
+def _runs_on_cpu(device: str) -> bool:
+    """Whether this machine would run the study's stages on its CPU (a remote worker may differ)."""
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def _warn_other_cpu(reruns: list[Stage], store: Store, here: dict[str, Any], on_cpu: bool) -> None:
     """Say before the first stage when a stage to run again was recorded on another CPU: its retrained checkpoint
     will likely not reproduce (bf16 kernels differ, or this CPU has none and trains in float32), and its open block
-    would then run again whole."""
+    would then run again whole. Also when the record cannot tell and this CPU trains in float32 (``on_cpu``)."""
     keys = {s.key for s in reruns}
     others: dict[str, list[str]] = {}
+    unknown: dict[str, list[str]] = {}
     for r in store.runs():
         if r["key"] in keys:
             recorded = json.loads(r["versions"] or "{}")
-            if not _same_cpu(recorded, here):
+            difference = cpu_difference(recorded, here)
+            if difference == "other":
                 others.setdefault(cpu_kind(recorded), []).append(r["key"])
+            elif difference == "unknown" and on_cpu:
+                unknown.setdefault(recorded.get("cpu") or "unnamed CPU", []).append(r["key"])
+    consequence = "the finished stages of their open blocks would then run again too"
+
+    def names(ks: list[str]) -> str:
+        return ", ".join(s.describe() for s in reruns if s.key in ks)
+
     for recorded_kind, ks in others.items():
-        names = ", ".join(s.describe() for s in reruns if s.key in ks)
-        warn(f"{len(ks)} stage(s) to run again ({names}) were recorded on another CPU ({recorded_kind}; this one: "
-             f"{cpu_kind(here)}): retrained here they will likely not reproduce their recorded results, and the "
-             "finished stages of their open blocks would then run again too. Resume on that kind of CPU to keep them")
+        warn(f"{len(ks)} stage(s) to run again ({names(ks)}) were recorded on another CPU ({recorded_kind}; this one: "
+             f"{cpu_kind(here)}): retrained here they will likely not reproduce their recorded results, and "
+             f"{consequence}. Resume on that kind of CPU to keep them")
+    for cpu, ks in unknown.items():
+        warn(f"{len(ks)} stage(s) to run again ({names(ks)}) were recorded on a CPU named {cpu!r} before antidoor "
+             "noted a CPU's bf16 kernels, and this one has none (it trains in float32): if that CPU had AMX or "
+             f"AVX512-BF16, they were trained in bf16 and will likely not reproduce here, and {consequence}. Resume on a "
+             "CPU with those kernels if that is where they were built")
 
 
 RESULT_METRICS = ("clean_acc", "asr", "robust_acc")  # what a stage run again must reproduce for its consumers to stand
