@@ -261,9 +261,12 @@ def cpu_difference(recorded: dict[str, Any], here: dict[str, Any]) -> Literal["s
 
 def _runs_on_cpu(device: str) -> bool:
     """Whether this machine would run the study's stages on its CPU (a remote worker may differ)."""
-    import torch
+    from antidoor.utils import resolve_device
 
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    try:
+        return resolve_device(device).type == "cpu"
+    except AntidoorError:  # a CUDA device only the Ray workers have (check_job_device let it through)
+        return False
 
 
 def _warn_other_cpu(reruns: list[Stage], store: Store, here: dict[str, Any], on_cpu: bool) -> None:
