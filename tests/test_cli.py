@@ -114,8 +114,19 @@ def test_clean_reference_with_attack_none(cli_main: object, mini_npz: Path, tmp_
     res = cli_main("attack", "--attack", "none", "--data", mini_npz, *TINY, "--out", tmp_path)
     assert res.returncode == 0, res.stderr
     assert set(json_line(res.stdout)) == {"clean_acc"}
+    shown = " ".join(res.stderr.split())  # the table, its title wrapped to the table's width
+    assert "clean model on mini" in shown and "none on" not in shown
     ckpt = load_checkpoint(tmp_path / "model.safetensors")
     assert ckpt.meta["dataset"]["n_poison"] == 0 and ckpt.attack.name == "none" and len(ckpt.splits.poison) == 0
+
+
+def test_clean_reference_is_not_called_by_its_attack(cli_main: object, mini_npz: Path, tmp_path: Path) -> None:
+    """`--pratio 0` keeps the attack's trigger for asr; the table calls the model a clean reference, not 'badnets'."""
+    res = cli_main("attack", "--attack", "badnets", "--pratio", "0", "--data", mini_npz, *TINY, "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert set(json_line(res.stdout)) == {"clean_acc", "asr", "robust_acc"}
+    shown = " ".join(res.stderr.split())
+    assert "clean reference on mini (asr: badnets trigger)" in shown and "badnets on" not in shown
 
 
 def test_npz_with_four_classes_and_a_yaml_config(run_cli: object, cli_main: object, bundled: ImageData, subset: object,

@@ -104,7 +104,11 @@ def attack(
     meta = run_meta(cfg, result)
     save_checkpoint(out / "model.safetensors", result.model, meta, result.scenario.attack, result.scenario.splits)
     atomic_write_json(out / "metrics.json", {"metrics": result.metrics, "history": result.history, "config": cfg.model_dump()})
-    console.print(_metrics_table(f"{cfg.attack['name']} on {result.scenario.data.name}", [result.metrics],
+    # a clean reference's asr is measured under the attack's trigger: say so rather than call the model by the attack
+    name, where = cfg.attack["name"], result.scenario.data.name
+    title = (f"{name} on {where}" if cfg.attack["pratio"] else f"clean model on {where}" if name == "none"
+             else f"clean reference on {where} (asr: {name} trigger)")
+    console.print(_metrics_table(title, [result.metrics],
                                  ["clean_acc", "asr", "robust_acc"]))
     console.print(f"wrote {out / 'model.safetensors'} (+ model.json, metrics.json)")
     print_json_line(result.metrics)
