@@ -71,10 +71,28 @@ def test_base_is_below_the_file(tmp_path: Path) -> None:
     (["=3"], "bad key"),
     (["train..lr=3"], "bad key"),
     (["seed=1", "seed.x=2"], "'seed' is a value, not a section"),
+    # pydantic takes these as floats; torch would fail mid-run (1e300 cannot become a float32) or train on NaN
+    (["train.lr=1e300"], r"train.lr = 1e\+300 is not a usable number; allowed: finite values within"),
+    (["train.lr=inf"], "train.lr = inf is not a usable number"),
+    (["train.weight_decay=1e39"], r"train.weight_decay = 1e\+39"),
 ])
 def test_bad_overrides_are_refused(overrides: list[str], match: str) -> None:
     with pytest.raises(AntidoorError, match=match):
         build_config(AttackRunConfig, overrides=overrides)
+
+
+def test_numbers_beyond_float32_are_refused_in_studies_and_method_settings() -> None:
+    """The same check guards a study's YAML and a defense's parameters, not only the single-run configs."""
+    from antidoor.defenses.base import validate_defense_spec
+    from antidoor.experiment import load_study
+
+    with pytest.raises(AntidoorError, match=r"train.lr = 1e\+300 is not a usable number"):
+        load_study(base={"name": "s", "train": {"lr": 1e300}})
+    with pytest.raises(AntidoorError, match=r"defense.lr = 1e\+39 is not a usable number"):
+        validate_defense_spec({"name": "sau", "lr": 1e39})
+    with pytest.raises(AntidoorError, match=r"defense.bound = inf is not a usable number"):
+        validate_defense_spec({"name": "sau", "bound": float("inf")})
+    assert validate_defense_spec({"name": "sau", "lr": 3e38})["lr"] == 3e38  # within float32: allowed
 
 
 def test_unknown_key_in_yaml_is_refused(tmp_path: Path) -> None:

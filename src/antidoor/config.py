@@ -20,7 +20,7 @@ from pydantic import (
 
 from antidoor.attacks.base import validate_attack_spec
 from antidoor.defenses.base import validate_defense_spec
-from antidoor.errors import AntidoorError, format_validation_error
+from antidoor.errors import AntidoorError, check_numbers, format_validation_error
 from antidoor.importer import ImportedModel
 from antidoor.models import model_factory
 from antidoor.presets import preset_values
@@ -138,9 +138,11 @@ def build_config(cls: type[C], path: str | Path | None = None, overrides: list[s
     raw = _merge(_merge({}, base or {}), _preset_for(cls, named))
     raw = _merge(raw, user)
     try:
-        return cls.model_validate(raw)  # not cls(**raw): a YAML key may be a number
+        cfg = cls.model_validate(raw)  # not cls(**raw): a YAML key may be a number
     except ValidationError as e:
         raise AntidoorError(f"invalid config: {format_validation_error(e)}") from None
+    check_numbers(cfg.model_dump(), "")
+    return cfg
 
 
 def _preset_for(cls: type[BaseModel], names: Any) -> dict[str, Any]:

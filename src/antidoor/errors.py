@@ -63,11 +63,33 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch casts a learning rate or a bound to the tensors' float32
+MAX_CHECKED = 10_000  # values a settings check looks at: a validated config holds far fewer
+
+
+def check_numbers(values: Any, where: str) -> None:
+    """Refuse a float setting that is NaN, infinite or beyond float32's range: pydantic lets them through,
+    and torch would fail mid-run with a traceback (an lr of 1e300 cannot become a float32) or train on NaN."""
+    stack, seen = [(where, values)], 0
+    while stack and seen < MAX_CHECKED:
+        key, value = stack.pop()
+        seen += 1
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{clip(str(k), 40)}" if key else clip(str(k), 40), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, float) and not abs(value) <= FLOAT32_MAX:  # NaN fails every comparison
+            raise AntidoorError(f"{key} = {value!r} is not a usable number; allowed: finite values within "
+                                f"+-{FLOAT32_MAX:.4g} (float32's range)")
+
+
 def validate_params(params_model: type[P], params: dict[str, Any], section: str, name: str) -> P:
     """Build a method's parameter model, turning pydantic's errors into one line that names the
     bad key, its value, what is allowed and every parameter the method takes."""
     try:
-        return params_model(**params)
+        built = params_model(**params)
     except ValidationError as e:
         takes = ", ".join(params_model.model_fields)
         raise AntidoorError(f"{format_validation_error(e, section)} ({section} {name!r} takes: {takes})") from None
+    check_numbers(built.model_dump(), section)
+    return built

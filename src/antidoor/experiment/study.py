@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from antidoor.config import AttackSpec, DataConfig, DefenseSpec, ModelConfig, _merge, parse_override, read_yaml, set_nested
-from antidoor.errors import AntidoorError, excerpt, format_validation_error
+from antidoor.errors import AntidoorError, check_numbers, excerpt, format_validation_error
 from antidoor.presets import preset_values
 from antidoor.stress.settings import ModelStressConfig
 from antidoor.train import TrainConfig
@@ -153,9 +153,11 @@ def load_study(path: str | Path | None = None, overrides: list[str] | None = Non
         set_nested(raw, keys, value)
     raw = _with_preset(raw)
     try:
-        return StudyConfig.model_validate(raw)  # not StudyConfig(**raw): a YAML key may be a number
+        study = StudyConfig.model_validate(raw)  # not StudyConfig(**raw): a YAML key may be a number
     except ValidationError as e:
         raise AntidoorError(f"invalid study: {format_validation_error(e)}") from None
+    check_numbers(study.model_dump(), "")
+    return study
 
 
 def _with_preset(raw: dict[str, Any]) -> dict[str, Any]:
