@@ -241,9 +241,16 @@ def test_every_defense_names_a_bad_parameter_value(name, field, value):
         validate_defense_spec({"name": name, field: value})
 
 
-def test_batch_larger_than_the_defender_data_is_refused(badnets_run, defender):
-    with pytest.raises(AntidoorError, match=rf"batch_size 999 .* {len(defender.x)} clean"):
-        purify(badnets_run.result.model, defender, "sau", batch_size=999)
+def test_a_batch_larger_than_the_defender_set_is_one_batch_of_all_of_it(badnets_run, defender, capsys):
+    """SAU's default batch (256) on a small defender set runs, as a DataLoader would: one batch of every image
+    per round, the very run a batch of exactly that size gives, and the user is told."""
+    n = len(defender.x)
+    settings = {"rounds": 2, "lr": 1e-3}
+    big = purify(badnets_run.result.model, defender, "sau", batch_size=999, **settings)
+    assert f"defense.batch_size 999 is more than the defender's {n} clean training images" in capsys.readouterr().err
+    exact = purify(badnets_run.result.model, defender, "sau", batch_size=n, **settings)
+    assert "is more than the defender's" not in capsys.readouterr().err
+    assert _same_weights(big, exact) and not _same_weights(big, badnets_run.result.model)
 
 
 @pytest.mark.parametrize("name", ["ft", "ft-sam", "ft-pam"])
@@ -281,7 +288,7 @@ def test_cli_purify_round_trip_and_bad_input(saved_run, run_cli, tmp_path):
         (["--defense", "nope"], "unknown defense 'nope'"),
         (["--defense", "sau", "--set", "defense.bound=-1"], "defense.bound"),
         (["--defense", "sau", "--set", "defense.rounds=0"], "defense.rounds"),
-        (["--defense", "sau", "--set", "defense.batch_size=100000"], "batch_size 100000"),
+        (["--defense", "sau", "--set", "defense.lr=1e39"], "defense.lr = 1e+39 is not a usable number"),
     ]:
         bad = run_cli("purify", saved_run, *args, "--out", tmp_path / "bad", "--quiet")
         assert needle in bad.error_line(), args

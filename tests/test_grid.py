@@ -35,8 +35,8 @@ TINY = {
     "datasets": [{"name": "cifar10-mini", "n_train": 1000, "n_test": 500}],
     "models": [{"name": "small_cnn", "width": 8}],
     "attacks": [{"name": "badnets", "pratio": 0.1}],
-    # the second FT asks for batches larger than the defender's 40 clean images: it fails at run time
-    "defenses": [{"name": "ft", "epochs": 1, "batch_size": 32}, {"name": "ft", "epochs": 1, "batch_size": 1000}],
+    # the second FT diverges (lr 1e30: NaN loss in its second epoch): it fails at run time
+    "defenses": [{"name": "ft", "epochs": 1, "batch_size": 32}, {"name": "ft", "epochs": 2, "lr": 1e30}],
     "seeds": [0],
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
     "device": "cpu",
@@ -287,7 +287,7 @@ def test_grid_records_every_stage_and_the_failure(inline_study: Path) -> None:
         runs = {(r["stage"], r["defense"]): r for r in store.runs()}
         assert {k: r["status"] for k, r in runs.items()} == {
             ("clean", None): "done", ("attack", None): "done", ("purify", "ft#1"): "done", ("purify", "ft#2"): "failed"}
-        assert "batch_size 1000" in runs[("purify", "ft#2")]["error"]
+        assert "FT, epoch 2 of 2: the loss became nan (training diverged)" in runs[("purify", "ft#2")]["error"]
         for r in runs.values():
             assert r["attempts"] == 1 and r["finished"] >= r["started"] and json.loads(r["versions"])["torch"]
             assert json.loads(r["config"])["stage"] == r["stage"]
@@ -296,7 +296,7 @@ def test_grid_records_every_stage_and_the_failure(inline_study: Path) -> None:
         rows = result_rows(store)
     by_defense = {r["defense"]: r for r in rows}
     assert list(by_defense) == ["clean", "none", "ft#1", "ft#2"]
-    assert by_defense["ft#2"]["status"] == "failed" and "batch_size" in by_defense["ft#2"]["error"]
+    assert by_defense["ft#2"]["status"] == "failed" and "diverged" in by_defense["ft#2"]["error"]
     for d in ("clean", "none", "ft#1"):
         assert {"clean_acc", "asr", "robust_acc"} <= set(by_defense[d]) and by_defense[d]["status"] == "done"
     assert 0 <= by_defense["ft#1"]["der"] <= 1
@@ -755,7 +755,7 @@ def test_results_formats_and_filters(inline_study: Path, run_cli) -> None:
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
     assert [r["defense"] for r in rows] == ["clean", "none", "ft#1", "ft#2"]
-    assert rows[3]["status"] == "failed" and "batch_size" in rows[3]["error"]
+    assert rows[3]["status"] == "failed" and "diverged" in rows[3]["error"]
     from typer.testing import CliRunner
 
     from antidoor.cli import app

@@ -265,7 +265,7 @@ def store_rows(db: Path) -> dict[str, dict]:
 def test_a_second_driver_is_refused_and_the_first_loses_nothing(tmp_path: Path, cli_main) -> None:
     """Two `grid` on one study folder: the second is refused at once (exit 2, one line) and the first
     finishes every stage. The study has a failing defense, so the first exits 1 (issue #10)."""
-    failing = {"name": "ft", "epochs": 1, "batch_size": 1000}  # more than the defender's images: fails at run time
+    failing = {"name": "ft", "epochs": 2, "lr": 1e30}  # diverges in its second epoch: fails at run time
     study = write_study(tmp_path / "study.yaml", defenses=[GRID["defenses"][0], failing])
     folder = tmp_path / "study"
     first = grid_process(study, "--out", folder)

@@ -49,7 +49,7 @@ from antidoor.utils import generator_for, info, progress_bar
 
 class ANPParams(DefenseParams):
     iterations: int = Field(2000, ge=1, description="mask-learning steps (one clean batch each)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
     lr: float = Field(0.2, gt=0, description="SGD learning rate of the masks")
     momentum: float = Field(0.9, ge=0, lt=1)
     eps: float = Field(0.4, ge=0, description="bound of the multiplicative neuron noise")
@@ -151,7 +151,7 @@ class ANP(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.check_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, data)
         prepare_model(model, data.device)
         if not batchnorm_layers(model):
             raise AntidoorError("defense 'anp' prunes BatchNorm channels, and this model has no BatchNorm layer")

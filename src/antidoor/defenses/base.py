@@ -19,7 +19,7 @@ from antidoor.errors import AntidoorError, validate_params
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.registry import Registry
-from antidoor.utils import resolve_device
+from antidoor.utils import info, resolve_device
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 # (round or epoch starting at 1, model) -> None; observes, never steers (no model selection)
@@ -97,10 +97,13 @@ class Defense:
             self.monitor(epoch, model)
             model.train(was_training)
 
-    def check_batch(self, batch_size: int, data: DefenderData) -> None:
+    def note_full_batch(self, batch_size: int, data: DefenderData) -> None:
+        """Say so when every batch is the whole clean set. A batch larger than the set is one batch of all of
+        it (``train.batches`` yields that even with ``drop_last``), as a DataLoader would: the defaults (SAU's
+        256) then work on a small defender set, e.g. 5% of a 5,000-image training set, instead of failing."""
         if batch_size > len(data.x):
-            raise AntidoorError(f"defense.batch_size {batch_size} is larger than the defender's {len(data.x)} clean "
-                                f"training images; allowed: 1..{len(data.x)}")
+            info(f"defense.batch_size {batch_size} is more than the defender's {len(data.x)} clean training images: "
+                 f"every step uses all {len(data.x)}")
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         raise NotImplementedError

@@ -110,7 +110,7 @@ class BTIDBFParams(DefenseParams):
     # (experiment.stages.defense_key_spec), so their stages resume
     KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"restarts": 1}
     rounds: int = Field(5, ge=1, description="inversion + unlearning rounds (paper 5; the superficial-safety script 3)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
     generator_width: int = Field(32, ge=1, description="channels of the U-Net's first block (then x2 per block; bottleneck x16)")
     pretrain_epochs: int = Field(50, ge=0, description="epochs training G to reproduce its input")
     pretrain_lr: float = Field(1e-3, gt=0)
@@ -408,7 +408,7 @@ class BTIDBF(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.check_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, data)
         device = data.device
         prepare_model(model, device)
         gen, gen_opt, g = new_inversion(data, p, self.seed)

@@ -46,7 +46,7 @@ from antidoor.utils import generator_for, progress_bar
 
 class IBAUParams(DefenseParams):
     rounds: int = Field(5, ge=1, description="rounds of (universal perturbation, unlearning pass)")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the model (outer problem)")
     amsgrad: bool = True
     weight_decay: float = Field(0.0, ge=0)
@@ -117,7 +117,7 @@ class IBAU(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.check_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, data)
         prepare_model(model, data.device)
         model.eval()  # BatchNorm statistics frozen; its affine parameters still train
         params = [w for w in model.parameters() if w.requires_grad]

@@ -82,7 +82,7 @@ from antidoor.utils import generator_for, progress_bar
 
 class SAUParams(DefenseParams):
     rounds: int = Field(100, ge=1, description="passes over the clean set")
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="clean images per step (more than the defender has: one batch of all)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0)
     amsgrad: bool = True
@@ -243,7 +243,7 @@ class SAU(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.check_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, data)
         f = prepare_model(model, data.device)
         f_ref = prepare_model(frozen_copy(f), data.device)
         f.eval()  # BN statistics frozen in both models; f's BN affine parameters still train
