@@ -151,7 +151,7 @@ class ANP(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device)
         if not batchnorm_layers(model):
             raise AntidoorError("defense 'anp' prunes BatchNorm channels, and this model has no BatchNorm layer")

@@ -97,13 +97,14 @@ class Defense:
             self.monitor(epoch, model)
             model.train(was_training)
 
-    def note_full_batch(self, batch_size: int, data: DefenderData) -> None:
-        """Say so when every batch is the whole clean set. A batch larger than the set is one batch of all of
-        it (``train.batches`` yields that even with ``drop_last``), as a DataLoader would: the defaults (SAU's
-        256) then work on a small defender set, e.g. 5% of a 5,000-image training set, instead of failing."""
-        if batch_size > len(data.x):
-            info(f"defense.batch_size {batch_size} is more than the defender's {len(data.x)} clean training images: "
-                 f"every step uses all {len(data.x)}")
+    def note_full_batch(self, batch_size: int, n_images: int) -> None:
+        """Say so when every batch is the whole set the defense trains on (``n_images``). A batch larger than the
+        set is one batch of all of it (``train.batches`` yields that even with ``drop_last``), as a DataLoader's
+        would be: the defaults (SAU's 256) then run on a small defender set, e.g. 5% of a 5,000-image training
+        set, instead of failing."""
+        if batch_size > n_images:
+            info(f"defense.batch_size {batch_size} is more than the {n_images} images {self.name} trains on: "
+                 f"every step uses all {n_images}")
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         raise NotImplementedError

@@ -408,7 +408,7 @@ class BTIDBF(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         device = data.device
         prepare_model(model, device)
         gen, gen_opt, g = new_inversion(data, p, self.seed)

@@ -27,9 +27,9 @@ class ExactPurification(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         assert data.poisoned_x is not None and data.poisoned_y is not None  # checked by antidoor.purify
-        self.note_full_batch(self.params.batch_size, data)
         x = torch.cat([data.x, data.poisoned_x])
         y = torch.cat([data.y, data.poisoned_y])
+        self.note_full_batch(self.params.batch_size, len(x))
         train(model, x, y, self.params, seed=self.seed, hflip=data.hflip, description="EP",
               on_epoch_end=lambda epoch, _: self.report(epoch + 1, model))
         return model

@@ -28,7 +28,7 @@ class FineTune(Defense):
     params: FineTuneParams
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
-        self.note_full_batch(self.params.batch_size, data)
+        self.note_full_batch(self.params.batch_size, len(data.x))
         train(model, data.x, data.y, self.params, seed=self.seed, hflip=data.hflip, description="FT",
               on_epoch_end=lambda epoch, _: self.report(epoch + 1, model))
         return model

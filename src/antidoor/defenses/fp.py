@@ -89,7 +89,7 @@ class FinePruning(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device, p.channels_last)
         mask = prune_dormant_channels(model, data, p.prune_step, p.acc_ratio)
         head_weight = model.backbone.head.weight

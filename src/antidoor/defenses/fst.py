@@ -56,7 +56,7 @@ class FST(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device, p.channels_last)
         head: nn.Linear = model.backbone.head
         w_orig = head.weight.detach().clone()

@@ -31,7 +31,7 @@ class FTPAM(PathAware, Defense):
 
     def purify_at_rho(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device, p.channels_last)
         optimizer = self.path_aware(make_optimizer(model.parameters(), p), model.parameters())  # anchor: the input weights
         tune(model, data, p, seed=self.seed, optimizer=optimizer, on_epoch_end=lambda epoch: self.report(epoch, model),

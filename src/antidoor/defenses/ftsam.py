@@ -48,7 +48,7 @@ class FTSAM(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device, p.channels_last)
         optimizer = SAM(make_optimizer(model.parameters(), p), rho=p.rho, adaptive=p.adaptive)
         tune(model, data, p, seed=self.seed, optimizer=optimizer,

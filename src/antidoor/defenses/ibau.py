@@ -117,7 +117,7 @@ class IBAU(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         prepare_model(model, data.device)
         model.eval()  # BatchNorm statistics frozen; its affine parameters still train
         params = [w for w in model.parameters() if w.requires_grad]

@@ -119,7 +119,7 @@ class NAD(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         teacher = copy.deepcopy(model)
         tune(teacher, data, p.model_copy(update={"epochs": p.teacher_epochs, "schedule": "cosine"}), seed=self.seed,
              description="NAD teacher")

@@ -243,7 +243,7 @@ class SAU(Defense):
 
     def purify(self, model: Classifier, data: DefenderData) -> Classifier:
         p = self.params
-        self.note_full_batch(p.batch_size, data)
+        self.note_full_batch(p.batch_size, len(data.x))
         f = prepare_model(model, data.device)
         f_ref = prepare_model(frozen_copy(f), data.device)
         f.eval()  # BN statistics frozen in both models; f's BN affine parameters still train
