@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.errors import AntidoorError
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
@@ -49,7 +49,7 @@ from antidoor.utils import generator_for, info, progress_bar
 
 class ANPParams(DefenseParams):
     iterations: int = Field(2000, ge=1, description="mask-learning steps (one clean batch each)")
-    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
+    batch_size: int = Field(128, ge=1, description=BATCH_SIZE_HELP)
     lr: float = Field(0.2, gt=0, description="SGD learning rate of the masks")
     momentum: float = Field(0.9, ge=0, lt=1)
     eps: float = Field(0.4, ge=0, description="bound of the multiplicative neuron noise")

@@ -22,6 +22,8 @@ from antidoor.registry import Registry
 from antidoor.utils import info, resolve_device
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
+# every defense's batch_size help: what a batch larger than the clean set means (Defense.note_full_batch)
+BATCH_SIZE_HELP = "clean images per step (more than the defender has: one batch of all)"
 # (round or epoch starting at 1, model) -> None; observes, never steers (no model selection)
 Monitor = Callable[[int, Classifier], None]
 

@@ -97,7 +97,7 @@ from pydantic import Field
 from torch import nn
 
 from antidoor.data.augment import Augment
-from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.defenses.tuning import LossFn, tune
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
@@ -110,7 +110,7 @@ class BTIDBFParams(DefenseParams):
     # (experiment.stages.defense_key_spec), so their stages resume
     KEY_NEUTRAL: ClassVar[dict[str, Any]] = {"restarts": 1}
     rounds: int = Field(5, ge=1, description="inversion + unlearning rounds (paper 5; the superficial-safety script 3)")
-    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
+    batch_size: int = Field(128, ge=1, description=BATCH_SIZE_HELP)
     generator_width: int = Field(32, ge=1, description="channels of the U-Net's first block (then x2 per block; bottleneck x16)")
     pretrain_epochs: int = Field(50, ge=0, description="epochs training G to reproduce its input")
     pretrain_lr: float = Field(1e-3, gt=0)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
 from antidoor.train import batches, prepare_model
@@ -46,7 +46,7 @@ from antidoor.utils import generator_for, progress_bar
 
 class IBAUParams(DefenseParams):
     rounds: int = Field(5, ge=1, description="rounds of (universal perturbation, unlearning pass)")
-    batch_size: int = Field(128, ge=1, description="clean images per step (more than the defender has: one batch of all)")
+    batch_size: int = Field(128, ge=1, description=BATCH_SIZE_HELP)
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the model (outer problem)")
     amsgrad: bool = True
     weight_decay: float = Field(0.0, ge=0)

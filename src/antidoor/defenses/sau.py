@@ -72,7 +72,7 @@ from pydantic import Field
 from torch import nn
 
 from antidoor.data.augment import Augment
-from antidoor.defenses.base import DEFENSES, DefenderData, Defense, DefenseParams
+from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier, frozen_copy
 from antidoor.precision import autocast
@@ -82,7 +82,7 @@ from antidoor.utils import generator_for, progress_bar
 
 class SAUParams(DefenseParams):
     rounds: int = Field(100, ge=1, description="passes over the clean set")
-    batch_size: int = Field(256, ge=1, description="clean images per step (more than the defender has: one batch of all)")
+    batch_size: int = Field(256, ge=1, description=BATCH_SIZE_HELP)
     lr: float = Field(1e-4, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0)
     amsgrad: bool = True
