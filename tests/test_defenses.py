@@ -245,12 +245,41 @@ def test_a_batch_larger_than_the_defender_set_is_one_batch_of_all_of_it(badnets_
     """SAU's default batch (256) on a small defender set runs, as a DataLoader would: one batch of every image
     per round, the very run a batch of exactly that size gives, and the user is told."""
     n = len(defender.x)
-    settings = {"rounds": 2, "lr": 1e-3}
+    settings = {"rounds": 2, "lr": 1e-3, "min_batches": 1}
     big = purify(badnets_run.result.model, defender, "sau", batch_size=999, **settings)
     assert f"defense.batch_size 999 is more than the {n} images sau trains on" in capsys.readouterr().err
     exact = purify(badnets_run.result.model, defender, "sau", batch_size=n, **settings)
     assert "is more than the" not in capsys.readouterr().err
     assert _same_weights(big, exact) and not _same_weights(big, badnets_run.result.model)
+
+
+def test_sau_cuts_a_small_defender_set_into_min_batches_batches_a_round(badnets_run, defender, capsys):
+    """SAU's default batch (256) on a small set would be one Adam step a round; ``min_batches`` (8) shrinks the batch
+    to n // 8, the very run that batch given by hand makes, says so and records it; 1 restores the batch as given."""
+    n = len(defender.x)
+    settings = {"rounds": 1, "lr": 1e-3}
+    chosen: dict[str, float] = {}
+    auto = purify(badnets_run.result.model, defender, "sau", chosen=chosen, **settings)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"sau: {n} training images at defense.batch_size 256 would make 1 batch per pass; batches of {n // 8} make 8 " \
+           "(defense.min_batches 8; 1 keeps 256)" in err
+    assert chosen == {"batch_size": n // 8}
+    by_hand = purify(badnets_run.result.model, defender, "sau", batch_size=n // 8, min_batches=1, **settings)
+    assert _same_weights(auto, by_hand)
+    chosen.clear()
+    whole = purify(badnets_run.result.model, defender, "sau", min_batches=1, chosen=chosen, **settings)
+    assert chosen == {} and not _same_weights(whole, auto)
+    # a batch already small enough is kept: 8 batches of n // 8 or fewer images need no cut
+    purify(badnets_run.result.model, defender, "sau", batch_size=n // 8, chosen=chosen, **settings)
+    assert chosen == {} and "would make" not in capsys.readouterr().err
+
+
+def test_min_batches_stays_out_of_stage_keys_at_1_and_enters_them_otherwise():
+    from antidoor.experiment.stages import defense_key_spec, defense_run_spec
+
+    old = validate_defense_spec({"name": "sau", "min_batches": 1})
+    assert "min_batches" not in defense_key_spec(old) and defense_run_spec(defense_key_spec(old))["min_batches"] == 1
+    assert defense_key_spec(validate_defense_spec({"name": "sau-pam"}))["min_batches"] == 8
 
 
 @pytest.mark.parametrize("name", ["ft", "ft-sam", "ft-pam"])

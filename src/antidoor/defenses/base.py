@@ -99,6 +99,22 @@ class Defense:
             self.monitor(epoch, model)
             model.train(was_training)
 
+    def batch_for(self, batch_size: int, n_images: int, min_batches: int = 1) -> int:
+        """The batch the defense trains with on ``n_images``: ``batch_size``, or, where that would cut a pass over the
+        set into fewer than ``min_batches`` batches, ``n_images // min_batches`` (at least 1), so that a small defender
+        set still gets the optimiser steps the defaults were set for (the schedule counts passes, the optimiser
+        steps). A smaller batch is said in the log and recorded in ``chosen["batch_size"]``."""
+        given = -(-n_images // batch_size)
+        if min_batches > 1 and given < min_batches:
+            batch = max(1, n_images // min_batches)
+            info(f"{self.name}: {n_images} training images at defense.batch_size {batch_size} would make {given} "
+                 f"batch{'es' if given > 1 else ''} per pass; batches of {batch} make {-(-n_images // batch)} "
+                 f"(defense.min_batches {min_batches}; 1 keeps {batch_size})")
+            self.chosen["batch_size"] = float(batch)
+            return batch
+        self.note_full_batch(batch_size, n_images)
+        return batch_size
+
     def note_full_batch(self, batch_size: int, n_images: int) -> None:
         """Say so when every batch is the whole set the defense trains on (``n_images``). A batch larger than the
         set is one batch of all of it (``train.batches`` yields that even with ``drop_last``), as a DataLoader's
