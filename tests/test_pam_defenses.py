@@ -89,7 +89,7 @@ def test_sau_pam_with_rho_zero_matches_sau(badnets_run, defender):
     # amplifies rounding where a gradient is near Adam's eps (its first update is lr * g / (|g| + eps)):
     # at 2 threads 1 weight of 36,864 in a layer differed by 3e-5. So all but a handful of weights must
     # agree closely, and none may differ by more than that one step of lr.
-    params = {"rounds": 1, "batch_size": len(defender.x), "lr": 1e-3, "amp": False}
+    params = {"rounds": 1, "batch_size": len(defender.x), "min_batches": 1, "lr": 1e-3, "amp": False}
     sau = purify(badnets_run.result.model, defender, "sau", seed=3, **params)
     sau_pam = purify(badnets_run.result.model, defender, "sau-pam", seed=3, rho=0.0, **params)
     for (k, a), b in zip(sau.state_dict().items(), sau_pam.state_dict().values(), strict=True):
