@@ -19,6 +19,7 @@ from antidoor.errors import AntidoorError, validate_params
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.registry import Registry
+from antidoor.train import steps_per_epoch
 from antidoor.utils import info, resolve_device
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -104,11 +105,12 @@ class Defense:
         set into fewer than ``min_batches`` batches, ``n_images // min_batches`` (at least 1), so that a small defender
         set still gets the optimiser steps the defaults were set for (the schedule counts passes, the optimiser
         steps). A smaller batch is said in the log and recorded in ``chosen["batch_size"]``."""
-        given = -(-n_images // batch_size)
+        given = steps_per_epoch(n_images, batch_size, drop_last=False)
         if min_batches > 1 and given < min_batches:
             batch = max(1, n_images // min_batches)
             info(f"{self.name}: {n_images} training images at defense.batch_size {batch_size} would make {given} "
-                 f"batch{'es' if given > 1 else ''} per pass; batches of {batch} make {-(-n_images // batch)} "
+                 f"batch{'es' if given > 1 else ''} per pass; batches of {batch} make "
+                 f"{steps_per_epoch(n_images, batch, drop_last=False)} "
                  f"(defense.min_batches {min_batches}; 1 keeps {batch_size})")
             self.chosen["batch_size"] = float(batch)
             return batch

@@ -81,7 +81,7 @@ from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defe
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier, frozen_copy
 from antidoor.precision import autocast
-from antidoor.train import batches, prepare_model
+from antidoor.train import batches, prepare_model, steps_per_epoch
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -262,8 +262,8 @@ class SAU(Defense):
         # its clean predictions are computed once for the whole set
         y0_ref_all = None if augment else predict(f_ref, data.x, batch, p.amp)
         amp = autocast(data.device, p.amp)
-        n_batches = -(-len(data.x) // batch)
-        with progress_bar(p.rounds * n_batches, self.name.upper(), "fewer defense.rounds shorten it") as advance:
+        steps = p.rounds * steps_per_epoch(len(data.x), batch, drop_last=False)
+        with progress_bar(steps, self.name.upper(), "fewer defense.rounds shorten it") as advance:
             for r in range(p.rounds):
                 for x, y, idx in batches(data.x, data.y, batch, g, drop_last=False, augment=augment):
                     if self.reuse_clean_logits and not p.bn_train:  # bn_train: the clean loss needs batch statistics
