@@ -40,7 +40,7 @@ from pydantic import Field
 from antidoor.defenses.base import BATCH_SIZE_HELP, DEFENSES, DefenderData, Defense, DefenseParams
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
-from antidoor.train import batches, prepare_model
+from antidoor.train import batches, prepare_model, steps_per_epoch
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -123,7 +123,7 @@ class IBAU(Defense):
         params = [w for w in model.parameters() if w.requires_grad]
         optimizer = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay, amsgrad=p.amsgrad)
         g = generator_for(data.device, self.seed)
-        n_batches = -(-len(data.x) // p.batch_size)
+        n_batches = steps_per_epoch(len(data.x), p.batch_size, drop_last=False)
         with progress_bar(p.rounds * n_batches, "i-BAU") as advance:
             for r in range(p.rounds):
                 delta = universal_perturbation(model, data, p, g)

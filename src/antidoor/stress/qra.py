@@ -42,6 +42,7 @@ from antidoor.attacks.base import Attack
 from antidoor.errors import AntidoorError, validate_params
 from antidoor.metrics import Evaluator
 from antidoor.precision import autocast
+from antidoor.train import steps_per_epoch
 from antidoor.utils import generator_for, progress_bar
 
 
@@ -197,7 +198,7 @@ def qra(purified: nn.Module, data: QRAData, evaluator: Evaluator, *, retuned: nn
                              for i in range(0, len(x_all), 512)])
     g = generator_for(device, cfg.seed)
     history = []
-    steps = -(-len(x_all) // cfg.batch_size)
+    steps = steps_per_epoch(len(x_all), cfg.batch_size, drop_last=False)
     gen.train()
     with progress_bar(cfg.epochs * steps, "QRA") as advance:
         for epoch in range(cfg.epochs):
