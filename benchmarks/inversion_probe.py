@@ -20,6 +20,11 @@ budget and the checkpoint's seed this is the inversion the study's PAM and BTI-D
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inversion_probe.py runs/regime/artifacts/attack/X.safetensors \\
         --clean runs/regime/artifacts/clean/Y.safetensors --budget study --out benchmarks/results/regime/probe.json
+
+``--universal STARTS`` asks whether the generator or the objective is what misses the trigger: it trains round 1's
+benign-feature mask as the defense does, then maximises the generator phase's own objective with one additive
+perturbation shared by every image (no G; Adam, projected onto ``norm_bound``) from STARTS random starts, and reports
+where each lands against the real trigger.
 """
 
 from __future__ import annotations
@@ -35,11 +40,22 @@ import torch
 
 from antidoor.checkpoint import load_checkpoint
 from antidoor.defenses.base import DefenderData
-from antidoor.defenses.btidbf import BTIDBFParams, UNetGenerator, first_round_inversion, input_mse, new_inversion, objective_terms
+from antidoor.defenses.btidbf import (
+    BTIDBFParams,
+    FeatureSplit,
+    UNetGenerator,
+    feature_terms,
+    first_round_inversion,
+    input_mse,
+    new_inversion,
+    objective_terms,
+    train_feature_mask,
+)
 from antidoor.metrics import predict
 from antidoor.models.registry import Classifier
 from antidoor.pipeline import Scenario
-from antidoor.train import prepare_model
+from antidoor.train import batches, prepare_model
+from antidoor.utils import generator_for
 
 BUDGETS: dict[str, dict[str, int]] = {
     # benchmarks/regime_study.yaml's cut for bti-dbf and pam
@@ -123,6 +139,61 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
     return out
 
 
+def universal(path: Path, clean_path: Path | None, budget: str, starts: int, epochs: int, lr: float,
+              overrides: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Round 1's mask (the defense's mask phase, seeded as the defense seeds it), then for each start one additive
+    perturbation delta, shared by all images, that maximises the generator objective (backdoor-feature MSE minus
+    ``benign_weight`` x benign-feature MSE) over ``epochs`` passes of the defender's images, rescaled after every
+    step so that the input MSE of clamp(x + delta) stays within ``norm_bound``. Measured on the validation images
+    outside the target, beside the real trigger (objective terms, and the share of delta's energy on the pixels
+    the trigger changes)."""
+    ckpt, sc, data, clean, x_val = _load(path, clean_path)
+    seed = int(ckpt.meta.get("seed", 0)) if seed is None else seed
+    p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
+    model = prepare_model(ckpt.model.eval(), data.device).requires_grad_(False)
+    torch.manual_seed(seed)
+    g = generator_for(data.device, seed)
+    t0 = time.perf_counter()
+    mask = train_feature_mask(model, data, p, g)
+    split = FeatureSplit(model)
+    target = sc.attack.target
+    stamped = sc.attack.apply(x_val)
+    support = (stamped - x_val).abs().amax(dim=(0, 1)) > 0  # the pixels (H x W) the trigger changes, on any image
+    rows = []
+    for start in range(starts):
+        torch.manual_seed(seed + 1 + start)
+        delta = (torch.randn(1, *x_val.shape[1:], device=data.device) * 0.01).requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        for _ in range(epochs):
+            for x, _, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, channels_last=False):
+                with torch.no_grad():
+                    feat = split.features(x).float()
+                benign, backdoor = feature_terms(mask, feat, split.features((x + delta).clamp(0, 1)).float())
+                opt.zero_grad(set_to_none=True)
+                (p.benign_weight * benign - backdoor).backward()
+                opt.step()
+                with torch.no_grad():
+                    mse = float(input_mse(model, (x + delta).clamp(0, 1), x))
+                    if mse > p.norm_bound:
+                        delta.mul_((p.norm_bound / mse) ** 0.5)
+        xs = (x_val + delta.detach()).clamp(0, 1)
+        shares = class_shares(model, xs)
+        detected = max(range(len(shares)), key=shares.__getitem__)
+        energy = delta.detach().pow(2).sum(1)[0]
+        row = {"start": start, "objective": objective_terms(model, mask, x_val, xs), "detected_target": detected,
+               "backdoored": {"to_detected": shares[detected], "to_target": shares[target]},
+               "energy_on_trigger_pixels": float(energy[support].sum() / energy.sum())}
+        if clean is not None:
+            clean_shares = class_shares(clean, xs)
+            row["clean"] = {"to_detected": clean_shares[detected], "to_target": clean_shares[target]}
+        rows.append(row)
+    return {"checkpoint": str(path), "attack": ckpt.meta.get("attack"), "seed": seed, "budget": budget,
+            "mode": "universal", "epochs": epochs, "lr": lr, "true_target": target, "n_images": len(x_val),
+            "trigger": {"objective": objective_terms(model, mask, x_val, stamped),
+                        "pixel_share": float(support.float().mean())},
+            "starts": rows, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", type=Path, help="backdoored checkpoints (.safetensors with sidecar)")
@@ -133,6 +204,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, help="the defense's seed (default: the checkpoint's, as the study uses)")
     ap.add_argument("--trigger-scales", action="store_true",
                     help="no inversion: measure the real trigger scaled by 0.25-1 (pixel MSE against norm_bound, asr)")
+    ap.add_argument("--universal", type=int, metavar="STARTS",
+                    help="no G: maximise the generator objective with one additive perturbation from STARTS starts")
+    ap.add_argument("--universal-epochs", type=int, default=150, help="passes over the defender's images per start")
+    ap.add_argument("--universal-lr", type=float, default=0.01)
     ap.add_argument("--out", type=Path, help="append the results to this JSON file (a list)")
     args = ap.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.overrides)}
@@ -142,6 +217,20 @@ def main() -> None:
             for row in res["trigger_scales"]:
                 print(f"{path.name}: trigger x {row['scale']:g}: pixel MSE (normalised) {row['input_mse']:.3f}, "
                       f"asr {row['asr']:.1%}, clean model to the target {row.get('clean_model_to_target', float('nan')):.1%}")
+            _append(args.out, res)
+            continue
+        if args.universal:
+            res = universal(path, args.clean, args.budget, args.universal, args.universal_epochs, args.universal_lr,
+                            overrides, args.seed)
+            trig = res["trigger"]["objective"]
+            for row in res["starts"]:
+                o = row["objective"]
+                print(f"{path.name}: universal start {row['start']}: backdoor term {o['backdoor']:.3f} (trigger "
+                      f"{trig['backdoor']:.3f}), input MSE {o['input_mse']:.3f} (trigger {trig['input_mse']:.3f}); "
+                      f"backdoored model -> class {row['detected_target']} {row['backdoored']['to_detected']:.1%}, "
+                      f"to the target {row['backdoored']['to_target']:.1%}; clean model -> class "
+                      f"{row['detected_target']} {row.get('clean', {}).get('to_detected', float('nan')):.1%}; "
+                      f"{row['energy_on_trigger_pixels']:.1%} of the energy on the trigger's pixels", flush=True)
             _append(args.out, res)
             continue
         res = probe(path, args.clean, args.budget, overrides, args.seed)
