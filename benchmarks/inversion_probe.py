@@ -228,9 +228,10 @@ def main() -> None:
                 print(f"{path.name}: universal start {row['start']}: backdoor term {o['backdoor']:.3f} (trigger "
                       f"{trig['backdoor']:.3f}), input MSE {o['input_mse']:.3f} (trigger {trig['input_mse']:.3f}); "
                       f"backdoored model -> class {row['detected_target']} {row['backdoored']['to_detected']:.1%}, "
-                      f"to the target {row['backdoored']['to_target']:.1%}; clean model -> class "
-                      f"{row['detected_target']} {row.get('clean', {}).get('to_detected', float('nan')):.1%}; "
-                      f"{row['energy_on_trigger_pixels']:.1%} of the energy on the trigger's pixels", flush=True)
+                      f"to the target {row['backdoored']['to_target']:.1%}; "
+                      + (f"clean model -> class {row['detected_target']} {row['clean']['to_detected']:.1%}; "
+                         if "clean" in row else "")
+                      + f"{row['energy_on_trigger_pixels']:.1%} of the energy on the trigger's pixels", flush=True)
             _append(args.out, res)
             continue
         res = probe(path, args.clean, args.budget, overrides, args.seed)
