@@ -141,12 +141,13 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
 
 def universal(path: Path, clean_path: Path | None, budget: str, starts: int, epochs: int, lr: float,
               overrides: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
-    """Round 1's mask (the defense's mask phase, seeded as the defense seeds it), then for each start one additive
-    perturbation delta, shared by all images, that maximises the generator objective (backdoor-feature MSE minus
-    ``benign_weight`` x benign-feature MSE) over ``epochs`` passes of the defender's images, rescaled after every
-    step so that the input MSE of clamp(x + delta) stays within ``norm_bound``. Measured on the validation images
-    outside the target, beside the real trigger (objective terms, and the share of delta's energy on the pixels
-    the trigger changes)."""
+    """A benign-feature mask from the defense's mask phase and seed (drawn first: the defense pretrains G before it,
+    so this is not the mask a G start would use; each start is compared with the trigger on it), then for each start
+    one additive perturbation delta, shared by all images, that maximises the generator objective (backdoor-feature
+    MSE minus ``benign_weight`` x benign-feature MSE) over ``epochs`` passes of the defender's images, rescaled after
+    every step so that the input MSE of clamp(x + delta) stays within ``norm_bound``. Measured on the validation
+    images outside the target, beside the real trigger (objective terms, and the share of delta's energy on the
+    pixels the trigger changes)."""
     ckpt, sc, data, clean, x_val = _load(path, clean_path)
     seed = int(ckpt.meta.get("seed", 0)) if seed is None else seed
     p = BTIDBFParams(**{**BUDGETS[budget], **(overrides or {})})
