@@ -39,7 +39,10 @@ Deviations from the official code, and why:
   at these defaults detected class 1 from start 0 (a universal adversarial perturbation the clean model follows too;
   objective 0.91, PAM then left 44.8% asr) and the target from start 1 (objective 2.32); on the seed-2 model it found
   the target from all four starts tried (1.61-2.12; ``benchmarks/regime.md``, "Why the inversion misses"). On that
-  seed-0 model PAM took 1,653 s with 3 starts against 967 s with one (2 threads).
+  seed-0 model PAM took 1,653 s with 3 starts against 967 s with one (2 threads). Restarts cannot help where no start
+  reaches the trigger: on an MNIST BadNets model with 240 defender images, six single starts (one with 4 times the
+  steps) all landed on universal adversarial perturbations, and PAM left the backdoor (``benchmarks/README.md``,
+  "heldout_defaults.sh"); ``chosen.detected_target`` is the field to compare with a suspected target.
 - ``rho: auto`` is the default instead of a fixed 0.5: rho trades clean accuracy for robustness, and
   the value that keeps clean accuracy depends on the model and the defender's data (on a 65%-accurate
   small CNN with 200 defender images, rho 0.5 cost 16 to 21 points; ``benchmarks/README.md``). auto
