@@ -160,16 +160,16 @@ def universal(path: Path, clean_path: Path | None, budget: str, starts: int, epo
     target = sc.attack.target
     stamped = sc.attack.apply(x_val)
     support = (stamped - x_val).abs().amax(dim=(0, 1)) > 0  # the pixels (H x W) the trigger changes, on any image
+    with torch.no_grad():  # the images are not augmented here, so their features are the same in every step
+        feats = torch.cat([split.features(data.x[i:i + 500].float().div(255)).float() for i in range(0, len(data.x), 500)])
     rows = []
     for start in range(starts):
         torch.manual_seed(seed + 1 + start)
         delta = (torch.randn(1, *x_val.shape[1:], device=data.device) * 0.01).requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=lr)
         for _ in range(epochs):
-            for x, _, _ in batches(data.x, data.y, p.batch_size, g, drop_last=False, channels_last=False):
-                with torch.no_grad():
-                    feat = split.features(x).float()
-                benign, backdoor = feature_terms(mask, feat, split.features((x + delta).clamp(0, 1)).float())
+            for x, _, idx in batches(data.x, data.y, p.batch_size, g, drop_last=False, channels_last=False):
+                benign, backdoor = feature_terms(mask, feats[idx], split.features((x + delta).clamp(0, 1)).float())
                 opt.zero_grad(set_to_none=True)
                 (p.benign_weight * benign - backdoor).backward()
                 opt.step()
