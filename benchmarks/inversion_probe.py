@@ -41,6 +41,7 @@ import torch
 from antidoor.checkpoint import load_checkpoint
 from antidoor.defenses.base import DefenderData
 from antidoor.defenses.btidbf import (
+    LOW_TARGET_SHARE,
     BTIDBFParams,
     FeatureSplit,
     UNetGenerator,
@@ -49,6 +50,7 @@ from antidoor.defenses.btidbf import (
     input_mse,
     new_inversion,
     objective_terms,
+    target_share,
     train_feature_mask,
 )
 from antidoor.metrics import predict
@@ -120,13 +122,17 @@ def probe(path: Path, clean_path: Path | None, budget: str, overrides: dict[str,
     seconds = time.perf_counter() - t0
 
     target = sc.attack.target
+    share = target_share(gen, model, data, detected, p.amp)
     gx = generated(gen, x_val)
     stamped = sc.attack.apply(x_val)
     out: dict[str, Any] = {
         "checkpoint": str(path), "attack": ckpt.meta.get("attack"), "seed": seed, "budget": budget,
         "params": {k: getattr(p, k) for k in ("pretrain_epochs", "mask_epochs", "generator_epochs")} | (overrides or {}),
         "g_init": "seeded as the defense seeds it",  # records without this field built G from an unseeded generator
-        "detected_target": detected, "true_target": target, "found": detected == target,
+        # found: the target detected AND G moving the images there (the defense's target_share); before 2026-12-08
+        # "found" was the first test only, true for a G that moved nothing when the tie-broken argmax was the target
+        "detected_target": detected, "true_target": target, "target_share": share,
+        "found": detected == target and share >= LOW_TARGET_SHARE,
         "n_images": len(x_val), "pixel_mse": float((gx - x_val).pow(2).mean()),
         "input_mse": float(input_mse(model, gx, x_val)),  # what norm_bound bounds (normalised units)
         "backdoored": {"g_x": class_shares(model, gx), "trigger": class_shares(model, stamped)},

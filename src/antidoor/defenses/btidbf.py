@@ -24,7 +24,9 @@ input, so that G(x) starts as x. Then, each round:
     After the first round the target class t is detected (the class the model most often gives to
     G(x + 0.03 noise) on the clean set) and from the second round on L_G adds CE(f(G(x)), t). t is
     recorded with the result (``chosen.detected_target``): an inversion that missed the trigger shows
-    there as a class other than the backdoor's.
+    there as a class other than the backdoor's. ``chosen.target_share`` records the share of the other classes'
+    validation images that G(x) sends to t (:func:`target_share`); below 50% the defense warns that the inversion
+    found no trigger (t is then an argmax over images that did not move).
 (c) Unlearn. The model is fine-tuned on clean batches in which a share ``generated_ratio`` of the
     images is replaced by G(x) with their *true* labels::
 
@@ -102,7 +104,7 @@ from antidoor.defenses.tuning import LossFn, tune
 from antidoor.models.registry import Classifier
 from antidoor.precision import autocast
 from antidoor.train import Schedule, TrainConfig, batches, make_optimizer, prepare_model, steps_per_epoch
-from antidoor.utils import generator_for, info, progress_bar
+from antidoor.utils import generator_for, info, progress_bar, warn
 
 
 class BTIDBFParams(DefenseParams):
@@ -360,6 +362,36 @@ def inversion_score(gen: UNetGenerator, model: Classifier, mask: torch.Tensor, d
     return total / len(x_all)
 
 
+@torch.no_grad()
+def target_share(gen: UNetGenerator, model: Classifier, data: DefenderData, target: int, amp: bool = True,
+                 batch: int = 500) -> float:
+    """How much of a trigger G found: the share of the defender's validation images (all its images if it has none)
+    of classes other than ``target`` that ``model`` gives to ``target`` once G has inverted them (no noise).
+
+    A trigger sends nearly all of them (the demo's CIFAR-10 BadNets model: 100%), but so can a universal adversarial
+    perturbation (the six starts on the MNIST model of ``benchmarks/README.md``, "heldout_defaults.sh": 74-100% of the
+    probe's validation images to the class each detected), so a high share is no proof. A G that
+    stayed near x sends almost none, and then the detected class is only the argmax of a count in which no image
+    moved: with balanced classes, the lowest class index (at ``norm_bound`` 0.12 on that MNIST model: class 0, the
+    attack's target, with 0% moved). 0.0 when every image is of class ``target``."""
+    gen.eval()
+    was_training = model.training
+    model.eval()  # running statistics: a train-mode forward would also move them
+    x_all, y_all = (data.x_val, data.y_val) if len(data.x_val) else (data.x, data.y)
+    moved, others = 0, 0
+    for i in range(0, len(x_all), batch):
+        x, y = x_all[i:i + batch].float().div(255), y_all[i:i + batch]
+        with autocast(data.device, amp):
+            pred = model(gen(x).float()).argmax(1)
+        moved += int(((pred == target) & (y != target)).sum())
+        others += int((y != target).sum())
+    model.train(was_training)
+    return moved / others if others else 0.0
+
+
+LOW_TARGET_SHARE = 0.5  # below it, the inversion is reported as having found no trigger
+
+
 def new_inversion(data: DefenderData, p: BTIDBFParams, seed: int) -> tuple[UNetGenerator, torch.optim.Optimizer, torch.Generator]:
     """G, its Adam (one optimiser across rounds, as in the authors' code) and the inversion's random stream.
     G's initial weights come from torch's global generator, which :func:`~antidoor.defenses.base.purify` seeds with
@@ -438,6 +470,13 @@ class BTIDBF(Defense):
             # recorded with the result (chosen.detected_target): the one thing a user can compare with a known or
             # suspected target to tell whether the inversion found the backdoor or something else
             self.chosen["detected_target"] = float(target)
+            if r == 0:  # before any unlearning: what round 1's G does to the model it was inverted on
+                share = target_share(gen, model, data, target, p.amp)
+                self.chosen["target_share"] = round(share, 4)
+                if share < LOW_TARGET_SHARE:
+                    warn(f"{self.name}: the inverted trigger sends only {share:.0%} of the other classes' validation images "
+                         f"to the detected class {target}: the inversion found no trigger, so that class is not evidence "
+                         "of a backdoor and the unlearning has little to unlearn")
             gen.eval()
             tune(model, data, cfg, seed=self.seed + 1 + r, loss_fn=self._unlearning_loss(gen), optimizer=optimizer,
                  description=f"{self.name}: unlearn round {r + 1}")

@@ -42,7 +42,8 @@ Deviations from the official code, and why:
   seed-0 model PAM took 1,653 s with 3 starts against 967 s with one (2 threads). Restarts cannot help where no start
   reaches the trigger: on an MNIST BadNets model with 240 defender images, six single starts (one with 4 times the
   steps) all landed on universal adversarial perturbations, and PAM left the backdoor (``benchmarks/README.md``,
-  "heldout_defaults.sh"); ``chosen.detected_target`` is the field to compare with a suspected target.
+  "heldout_defaults.sh"); ``chosen.detected_target`` is the field to compare with a suspected target, and
+  ``chosen.target_share`` (with a warning below 50%) says whether G moved the images at all.
 - ``rho: auto`` is the default instead of a fixed 0.5: rho trades clean accuracy for robustness, and
   the value that keeps clean accuracy depends on the model and the defender's data (on a 65%-accurate
   small CNN with 200 defender images, rho 0.5 cost 16 to 21 points; ``benchmarks/README.md``). auto
