@@ -470,7 +470,9 @@ class BTIDBF(Defense):
             # recorded with the result (chosen.detected_target): the one thing a user can compare with a known or
             # suspected target to tell whether the inversion found the backdoor or something else
             self.chosen["detected_target"] = float(target)
-            if r == 0:  # before any unlearning: what round 1's G does to the model it was inverted on
+            # before any unlearning: what round 1's G does to the model it was inverted on; once per defense, as
+            # pam's rho: auto runs this again from the same inversion for every candidate
+            if r == 0 and "target_share" not in self.chosen:
                 share = target_share(gen, model, data, target, p.amp)
                 self.chosen["target_share"] = round(share, 4)
                 if share < LOW_TARGET_SHARE:
