@@ -477,7 +477,7 @@ class BTIDBF(Defense):
                 self.chosen["target_share"] = round(share, 4)
                 if share < LOW_TARGET_SHARE:
                     warn(f"{self.name}: the inverted trigger sends only {share:.0%} of the other classes' validation images "
-                         f"to the detected class {target}: the inversion found no trigger, so that class is not evidence "
+                         f"to the detected class {target}: the inversion likely found no trigger, so that class is not evidence "
                          "of a backdoor and the unlearning has little to unlearn")
             gen.eval()
             tune(model, data, cfg, seed=self.seed + 1 + r, loss_fn=self._unlearning_loss(gen), optimizer=optimizer,
