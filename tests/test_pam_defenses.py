@@ -442,8 +442,9 @@ def test_target_share_tells_the_real_trigger_from_a_generator_that_moved_nothing
     identity = target_share(_Images(lambda x: x), model, defender, t)
     assert _same_state(model, before) and model.training  # measured in eval mode, running statistics untouched
     others = defender.x_val[defender.y_val != t].float().div(255)
-    assert trigger == pytest.approx((predict(model, attack.apply(others)) == t).float().mean().item())
-    assert identity == pytest.approx((predict(model, others) == t).float().mean().item())
+    one_image = 1.01 / len(others)  # other batches, other kernels (bf16 hosts): a borderline image may differ
+    assert trigger == pytest.approx((predict(model, attack.apply(others)) == t).float().mean().item(), abs=one_image)
+    assert identity == pytest.approx((predict(model, others) == t).float().mean().item(), abs=one_image)
     # this model's asr is 95-99% and it sends 9-26% of clean non-target images to the target (conftest)
     assert trigger > 0.8 and identity < 0.5
     only_target = DefenderData(defender.x, defender.y, defender.x_val[:0], defender.y_val[:0], defender.num_classes)

@@ -382,7 +382,7 @@ def target_share(gen: UNetGenerator, model: Classifier, data: DefenderData, targ
     for i in range(0, len(x_all), batch):
         x, y = x_all[i:i + batch].float().div(255), y_all[i:i + batch]
         with autocast(data.device, amp):
-            pred = model(gen(x).float()).argmax(1)
+            pred = model(gen(x).float().contiguous(memory_format=torch.channels_last)).argmax(1)  # as evaluated
         moved += int(((pred == target) & (y != target)).sum())
         others += int((y != target).sum())
     model.train(was_training)
