@@ -447,8 +447,8 @@ def test_target_share_tells_the_real_trigger_from_a_generator_that_moved_nothing
     assert identity == pytest.approx((predict(model, others) == t).float().mean().item(), abs=one_image)
     # this model's asr is 95-99% and it sends 9-26% of clean non-target images to the target (conftest)
     assert trigger > 0.8 and identity < 0.5
-    only_target = DefenderData(defender.x, defender.y, defender.x_val[:0], defender.y_val[:0], defender.num_classes)
-    assert 0 <= target_share(_Images(attack.apply), model, only_target, t) <= 1  # no validation part: the training images
+    no_val = DefenderData(defender.x, defender.y, defender.x_val[:0], defender.y_val[:0], defender.num_classes)
+    assert 0 <= target_share(_Images(attack.apply), model, no_val, t) <= 1  # no validation part: the training images
 
 
 def test_an_inversion_that_moves_nothing_is_recorded_and_warned_about(badnets_run, defender, monkeypatch):
