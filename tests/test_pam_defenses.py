@@ -64,7 +64,7 @@ def test_new_defense_returns_a_different_model_and_leaves_its_input_unchanged(na
     before = _state(model)
     purified = purify(model, defender, name, seed=0, **NEW[name])
     assert purified is not model and not purified.training
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert _same_state(model, before)
     assert not _same(purified, model)
 
 

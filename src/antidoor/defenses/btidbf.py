@@ -26,7 +26,7 @@ input, so that G(x) starts as x. Then, each round:
     recorded with the result (``chosen.detected_target``): an inversion that missed the trigger shows
     there as a class other than the backdoor's. ``chosen.target_share`` records the share of the other classes'
     validation images that G(x) sends to t (:func:`target_share`); below 50% the defense warns that the inversion
-    found no trigger (t is then an argmax over images that did not move).
+    likely found no trigger (t is then an argmax over images that did not move).
 (c) Unlearn. The model is fine-tuned on clean batches in which a share ``generated_ratio`` of the
     images is replaced by G(x) with their *true* labels::
 
